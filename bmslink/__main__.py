@@ -1,0 +1,5 @@
+import sys
+
+from bmslink.cli import main
+
+sys.exit(main())

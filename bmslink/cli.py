@@ -1,0 +1,148 @@
+"""The ``bmslink`` command and its subcommands.
+
+Exit status: 0 on a clean stop, 2 on a configuration error (with a message
+naming the file, the key path and what was expected), 1 on a runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from rack_agent.errors import ProfileError
+from shared.config import ConfigError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+log = logging.getLogger("bmslink")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pymodbus logs every timeout at ERROR with hex dumps; our own lines classify them.
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    logging.getLogger("can").setLevel(logging.WARNING)
+
+
+def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int:
+    """Run ``main(stop)`` on a fresh loop; SIGINT/SIGTERM set ``stop`` for a clean shutdown."""
+
+    async def runner() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            result = await main(stop)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        return EXIT_OK if result is None else result
+
+    return asyncio.run(runner())
+
+
+# -- agent ------------------------------------------------------------------------------------
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from rack_agent.agent import RackAgent, load_unit_profiles  # noqa: PLC0415
+    from shared.agent_config import AgentConfig  # noqa: PLC0415
+    from shared.config import load_config  # noqa: PLC0415
+
+    config = load_config(args.config, AgentConfig)
+    try:
+        load_unit_profiles(config)
+    except ProfileError as exc:
+        raise ConfigError(args.config, [str(exc)]) from exc
+    if args.check_config:
+        print(f"{args.config}: ok (site {config.site_id}, rack {config.rack_id}, {len(config.units)} unit(s))")
+        return EXIT_OK
+
+    async def main(stop: asyncio.Event) -> None:
+        agent = RackAgent(config)
+        await agent.run(stop)
+
+    return run_until_signalled(main)
+
+
+# -- monitor ----------------------------------------------------------------------------------
+
+
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    from bmslink.monitor import run_monitor  # noqa: PLC0415
+    from shared.config import MqttConfig  # noqa: PLC0415
+
+    mqtt = MqttConfig(host=args.host, port=args.port, topic_prefix=args.prefix)
+    return run_until_signalled(lambda stop: run_monitor(mqtt, args.site, stop, once=args.once))
+
+
+# -- demo -------------------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from bmslink.demo import run_demo  # noqa: PLC0415
+
+    return run_until_signalled(lambda stop: run_demo(args, stop))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bmslink", description="Battery cluster controller")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    agent = sub.add_parser("agent", help="run a rack agent")
+    agent.add_argument("--config", type=Path, required=True, help="agent TOML file")
+    agent.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    agent.set_defaults(handler=_cmd_agent)
+
+    monitor = sub.add_parser("monitor", help="live view of the telemetry on a broker")
+    monitor.add_argument("--host", default="127.0.0.1")
+    monitor.add_argument("--port", type=int, default=1883)
+    monitor.add_argument("--prefix", default="bmslink")
+    monitor.add_argument("--site", required=True)
+    monitor.add_argument("--once", action="store_true", help="print one snapshot after 3 s and exit")
+    monitor.set_defaults(handler=_cmd_monitor)
+
+    demo = sub.add_parser("demo", help="start broker, simulated racks and agents on this machine")
+    demo.add_argument("--racks", type=int, default=4)
+    demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    demo.add_argument("--scenario", type=Path, default=None, help="simulator scenario file")
+    demo.set_defaults(handler=_cmd_demo)
+
+    sim = sub.add_parser("sim", help="simulated peers")
+    sim_sub = sim.add_subparsers(dest="sim_command", required=True)
+    from sim.cli import add_bms_parser  # noqa: PLC0415
+
+    add_bms_parser(sim_sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"bmslink: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""The rack agent: poll the rack's BMS units on a fixed-rate schedule and publish telemetry.
+
+Units on the same link are polled in turn; links are polled concurrently.
+The broker being away never stops polling: telemetry is published with QoS 0
+and a Message Expiry, so nothing stale is delivered late, and the latest state
+goes out the moment the connection returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rack_agent.errors import PollError, ProfileError
+from rack_agent.links import BmsLink, make_link
+from rack_agent.merge import merge_units, without_current_permission
+from rack_agent.metrics import AgentMetrics
+from rack_agent.profiles import SunSpecProfile, load_profile
+from rack_agent.schedule import FixedRateSchedule
+from rack_agent.unit import UnitRuntime
+from shared.agent_config import AgentConfig
+from shared.codec import encode
+from shared.mqtt import MqttSession, Will
+from shared.models import RackCommState, RackTelemetry
+from shared.topics import STATUS_OFFLINE, STATUS_ONLINE, Topics
+
+log = logging.getLogger(__name__)
+
+
+def load_unit_profiles(config: AgentConfig) -> dict[str, UnitRuntime]:
+    """Resolve every unit's profile; raises :class:`ProfileError` on the first bad one."""
+    units: dict[str, UnitRuntime] = {}
+    for unit in config.units:
+        link = config.link(unit.link)
+        profile = None
+        if link.type != "can":
+            try:
+                profile = load_profile(unit.profile)
+            except ProfileError as exc:
+                raise ProfileError(f"units.{unit.name}.profile = {unit.profile!r}", exc.problems) from exc
+        units[unit.name] = UnitRuntime.create(unit, profile, config.polling.comm_lost_after)
+    return units
+
+
+@dataclass(slots=True)
+class AgentStats:
+    polls: int = 0
+    published: int = 0
+    slots_skipped: int = 0
+
+
+class RackAgent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._monotonic = monotonic
+        self._wall = wall_clock
+        self.topics = Topics(config.mqtt.topic_prefix, config.site_id)
+        self.units = load_unit_profiles(config)
+        self.links: dict[str, BmsLink] = {link.name: make_link(link, config.polling) for link in config.links}
+        self._units_by_link: dict[str, list[UnitRuntime]] = {
+            name: [u for u in self.units.values() if u.config.link == name] for name in self.links
+        }
+        self.metrics = AgentMetrics(config.rack_id)
+        self.stats = AgentStats()
+        self.seq = 0
+        self.latest: RackTelemetry | None = None
+        client_id = config.mqtt.client_id or f"bmslink-agent-{config.site_id}-{config.rack_id}-{uuid.uuid4().hex[:8]}"
+        self._status_topic = self.topics.rack_status(config.rack_id)
+        self._telemetry_topic = self.topics.rack_telemetry(config.rack_id)
+        self.mqtt = MqttSession(
+            config.mqtt,
+            client_id,
+            will=Will(self._status_topic, STATUS_OFFLINE),
+            on_connected=self._on_mqtt_connected,
+        )
+        self.schedule: FixedRateSchedule | None = None
+
+    # -- MQTT --------------------------------------------------------------------------------
+
+    def _on_mqtt_connected(self) -> None:
+        # Runs on the loop right after CONNACK: announce, then send the latest state at once.
+        self.mqtt.publish(self._status_topic, STATUS_ONLINE, qos=1, retain=True)
+        if self.latest is not None:
+            self._publish(self.latest)
+
+    def _publish(self, telemetry: RackTelemetry) -> None:
+        ok = self.mqtt.publish(
+            self._telemetry_topic,
+            encode(telemetry),
+            qos=0,
+            expiry_s=self.config.publish.message_expiry_s,
+        )
+        if ok:
+            self.stats.published += 1
+            self.metrics.published.labels(self.config.rack_id).inc()
+        else:
+            self.metrics.publish_dropped.labels(self.config.rack_id).inc()
+
+    # -- polling -----------------------------------------------------------------------------
+
+    async def _poll_unit(self, link: BmsLink, unit: UnitRuntime) -> None:
+        timeout_s = self.config.polling.request_timeout_ms / 1000.0
+        started = self._monotonic()
+        labels = (self.config.rack_id, unit.name)
+        try:
+            measurements = await link.read_unit(unit, timeout_s)
+        except PollError as exc:
+            first_of_streak = unit.health.consecutive_failures == 0
+            changed_class = unit.health.status is not exc.status
+            became_lost = unit.health.record_failure(exc)
+            self.metrics.polls.labels(*labels, exc.status.value).inc()
+            if became_lost:
+                log.error("rack %s %s; comm lost after %d consecutive failures, limits zeroed",
+                          self.config.rack_id, exc, unit.health.consecutive_failures)
+                self.metrics.comm_lost.labels(*labels).set(1)
+                self._after_comm_lost(link, unit)
+            elif first_of_streak or changed_class:
+                log.warning("rack %s %s", self.config.rack_id, exc)
+            else:
+                log.debug("rack %s %s", self.config.rack_id, exc)
+            return
+        if unit.health.record_success(measurements):
+            log.info("rack %s unit %s: communication restored", self.config.rack_id, unit.name)
+            self.metrics.comm_lost.labels(*labels).set(0)
+        self.metrics.polls.labels(*labels, "ok").inc()
+        self.metrics.poll_latency.labels(*labels).observe(self._monotonic() - started)
+
+    def _after_comm_lost(self, link: BmsLink, unit: UnitRuntime) -> None:
+        if isinstance(unit.profile, SunSpecProfile):
+            unit.plan = None  # the device may have been replaced or re-addressed: discover again
+        peers = self._units_by_link[link.name]
+        if link.reconnect_on_comm_loss and all(u.health.comm_lost for u in peers):
+            link.mark_broken(f"all units on link {link.name} comm-lost")
+
+    async def _poll_link(self, link: BmsLink) -> None:
+        for unit in self._units_by_link[link.name]:
+            await self._poll_unit(link, unit)
+
+    async def poll_once(self) -> RackTelemetry:
+        """Poll every unit once and return the rack telemetry built from the results."""
+        await asyncio.gather(*(self._poll_link(link) for link in self.links.values()))
+        self.stats.polls += 1
+        return self._build_telemetry()
+
+    def _build_telemetry(self) -> RackTelemetry:
+        units = list(self.units.values())
+        lost = any(u.health.comm_lost for u in units)
+        known = [(u.name, u.health.last_good) for u in units if u.health.last_good is not None]
+        measurements = merge_units(known) if known else None  # type: ignore[arg-type]
+        if lost and measurements is not None:
+            measurements = without_current_permission(measurements)
+        self.seq += 1
+        return RackTelemetry(
+            site_id=self.config.site_id,
+            rack_id=self.config.rack_id,
+            seq=self.seq,
+            timestamp_s=self._wall(),
+            poll_interval_ms=self.config.polling.interval_ms,
+            comm_state=RackCommState.COMM_LOST if lost else RackCommState.OK,
+            measurements=measurements,
+            units=tuple(u.health.to_wire() for u in units),
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, *, max_polls: int | None = None) -> None:
+        """Poll and publish until ``stop`` is set (or ``max_polls`` slots have run)."""
+        self.metrics.serve(self.config.metrics)
+        await self.mqtt.start()
+        for link in self.links.values():
+            await link.start()
+        interval_s = self.config.polling.interval_ms / 1000.0
+        self.schedule = FixedRateSchedule(self._monotonic(), interval_s)
+        try:
+            while not stop.is_set() and (max_polls is None or self.stats.polls < max_polls):
+                slot = self.schedule.next_slot(self._monotonic())
+                if slot.skipped:
+                    self.stats.slots_skipped += slot.skipped
+                    self.metrics.skipped_slots.labels(self.config.rack_id).inc(slot.skipped)
+                    for unit in self.units.values():
+                        unit.health.record_skipped_slot(slot.skipped)
+                    log.warning("rack %s: poll overran, %d slot(s) skipped", self.config.rack_id, slot.skipped)
+                delay = slot.start_s - self._monotonic()
+                if delay > 0:
+                    try:
+                        async with asyncio.timeout(delay):
+                            await stop.wait()
+                        break
+                    except TimeoutError:
+                        pass
+                telemetry = await self.poll_once()
+                self.latest = telemetry
+                self._publish(telemetry)
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        for link in self.links.values():
+            await link.stop()
+        await self.mqtt.stop(final=(self._status_topic, STATUS_OFFLINE, True))
+        self.metrics.close()

@@ -1,0 +1,59 @@
+"""Health bookkeeping of one BMS unit: counters by failure class and the comm-lost rule."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from rack_agent.errors import PollError
+from shared.models import LinkCounters, LinkStatus, RackMeasurements, UnitLink
+
+
+@dataclass(slots=True)
+class UnitHealth:
+    """After ``comm_lost_after`` consecutive failures the unit is comm-lost until one poll succeeds."""
+
+    unit: str
+    comm_lost_after: int
+    status: LinkStatus = LinkStatus.OK
+    consecutive_failures: int = 0
+    last_exception_code: int | None = None
+    last_good: RackMeasurements | None = None
+    counts: Counter[str] = field(default_factory=Counter)
+    ever_ok: bool = False
+
+    @property
+    def comm_lost(self) -> bool:
+        return not self.ever_ok or self.consecutive_failures >= self.comm_lost_after
+
+    def record_success(self, measurements: RackMeasurements) -> bool:
+        """Count a good poll; True if this ends a comm-lost period (the unit recovered)."""
+        recovered = self.comm_lost
+        self.status = LinkStatus.OK
+        self.consecutive_failures = 0
+        self.last_good = measurements
+        self.ever_ok = True
+        self.counts[LinkStatus.OK.value] += 1
+        return recovered
+
+    def record_failure(self, error: PollError) -> bool:
+        """Count a failed poll; True if this failure is the one that makes the unit comm-lost."""
+        was_lost = self.comm_lost
+        self.status = error.status
+        self.consecutive_failures += 1
+        self.counts[error.status.value] += 1
+        if error.code is not None:
+            self.last_exception_code = error.code
+        return self.comm_lost and not was_lost
+
+    def record_skipped_slot(self, n: int = 1) -> None:
+        self.counts["skipped_slots"] += n
+
+    def to_wire(self) -> UnitLink:
+        return UnitLink(
+            unit=self.unit,
+            status=self.status,
+            consecutive_failures=self.consecutive_failures,
+            last_exception_code=self.last_exception_code,
+            counters=LinkCounters(**{k: v for k, v in self.counts.items() if k in LinkCounters.model_fields}),
+        )

@@ -1,0 +1,128 @@
+"""The narrow interface every BMS transport implements.
+
+Generic work lives here once: the per-request deadline, conversion of a
+missed deadline into our typed timeout, and the reconnect loop (tenacity,
+bounded exponential backoff with jitter, started afresh after every healthy
+connection). A driver implements three hooks: ``_connect``, ``_disconnect``
+and ``_read``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from rack_agent.errors import ConnectionRefusedPollError, PollError, PollTimeoutError
+from rack_agent.unit import UnitRuntime
+from shared.models import RackMeasurements
+
+log = logging.getLogger(__name__)
+
+
+class BmsLink(ABC):
+    """One physical link (a TCP connection, a serial line, a CAN bus) to one or more BMS units."""
+
+    # Whether a fresh connection can help once every unit on the link is comm-lost
+    # (it clears half-open TCP sockets and wedged gateways; a serial port gains nothing).
+    reconnect_on_comm_loss = True
+
+    def __init__(self, name: str, *, reconnect_initial_s: float, reconnect_max_s: float) -> None:
+        self.name = name
+        self._reconnect_initial_s = reconnect_initial_s
+        self._reconnect_max_s = reconnect_max_s
+        self._connected = False
+        self._wanted = False
+        self._need_connect = asyncio.Event()
+        self._connector: asyncio.Task[None] | None = None
+        # Units on one link are polled in turn (a serial bus carries one request at a time).
+        self._turn = asyncio.Lock()
+        self.connect_attempts = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    async def start(self) -> None:
+        """Begin connecting in the background; polls fail fast with ``connection_refused`` until up."""
+        self._wanted = True
+        self._need_connect.set()
+        self._connector = asyncio.create_task(self._connect_forever(), name=f"link-{self.name}-connector")
+
+    async def stop(self) -> None:
+        self._wanted = False
+        if self._connector is not None:
+            self._connector.cancel()
+            await asyncio.gather(self._connector, return_exceptions=True)
+            self._connector = None
+        if self._connected:
+            self._connected = False
+        await self._disconnect()
+
+    def mark_broken(self, reason: str) -> None:
+        """Drop the connection and let the connector re-establish it (e.g. after comm loss)."""
+        if self._connected:
+            log.warning("link %s: reconnecting: %s", self.name, reason)
+        self._connected = False
+        self._need_connect.set()
+
+    async def _connect_forever(self) -> None:
+        while self._wanted:
+            await self._need_connect.wait()
+            self._need_connect.clear()
+            if self._connected:
+                continue
+            await self._disconnect()
+            # A fresh retrying object per outage: the backoff starts small again after a healthy link.
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(ConnectionRefusedPollError),
+                wait=wait_exponential_jitter(
+                    initial=self._reconnect_initial_s,
+                    max=self._reconnect_max_s,
+                    jitter=self._reconnect_initial_s,
+                ),
+                reraise=True,
+            ):
+                with attempt:
+                    self.connect_attempts += 1
+                    try:
+                        await self._connect()
+                    except ConnectionRefusedPollError as exc:
+                        log.debug("link %s: connect failed: %s", self.name, exc)
+                        raise
+            self._connected = True
+            log.info("link %s: connected", self.name)
+
+    async def read_unit(self, unit: UnitRuntime, timeout_s: float) -> RackMeasurements:
+        """One poll of one unit, within ``timeout_s``; raises a :class:`PollError` subclass."""
+        async with self._turn:
+            if not self._connected:
+                raise ConnectionRefusedPollError(f"link {self.name} is not connected", unit=unit.name)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await self._read(unit, timeout_s)
+            except TimeoutError as exc:
+                if isinstance(exc, PollError):
+                    raise exc.for_unit(unit.name) from None
+                raise PollTimeoutError(
+                    f"no answer within {timeout_s * 1000:.0f} ms on link {self.name}", unit=unit.name
+                ) from exc
+            except ConnectionRefusedPollError as exc:
+                self.mark_broken(exc.detail)
+                raise exc.for_unit(unit.name) from None
+            except PollError as exc:
+                raise exc.for_unit(unit.name) from None
+
+    @abstractmethod
+    async def _connect(self) -> None:
+        """Open the link or raise :class:`ConnectionRefusedPollError`."""
+
+    @abstractmethod
+    async def _disconnect(self) -> None:
+        """Close the link; must be idempotent."""
+
+    @abstractmethod
+    async def _read(self, unit: UnitRuntime, timeout_s: float) -> RackMeasurements:
+        """Read one unit's telemetry; raise a :class:`PollError` subclass on failure."""

@@ -1,0 +1,206 @@
+"""Modbus TCP and Modbus RTU links (pymodbus 3.16).
+
+Classification of every outcome, because pymodbus does not do it for us:
+
+* an exception response is *returned* (``isError()``) -> ``modbus_exception``
+  (code 0x0B "gateway target failed to respond" is a timeout of that unit);
+* a bad RTU CRC is dropped silently by the framer and surfaces as the same
+  ``ModbusIOException`` as silence. We watch the raw bytes with
+  ``trace_packet``: bytes received but no valid frame -> ``crc_error``,
+  nothing received -> ``timeout``;
+* ``ConnectionException`` -> ``connection_refused``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.framer import FramerType
+
+from rack_agent.errors import (
+    ConnectionRefusedPollError,
+    CrcError,
+    InvalidDataError,
+    ModbusExceptionError,
+    PollTimeoutError,
+)
+from rack_agent.links.base import BmsLink
+from rack_agent.profiles import SunSpecProfile
+from rack_agent.profiles.plan import decode_measurements, image_from_blocks
+from rack_agent.profiles.spec import Table
+from rack_agent.profiles.sunspec import discover, sunspec_plan
+from rack_agent.unit import UnitRuntime
+from shared.agent_config import ModbusRtuLink, ModbusTcpLink
+from shared.models import RackMeasurements
+
+log = logging.getLogger(__name__)
+
+GATEWAY_NO_RESPONSE = 0x0B
+# We decide ourselves when a silent peer deserves a new connection (after comm loss);
+# pymodbus would otherwise close a TCP link after a few unanswered requests and make
+# the next poll look like "connection refused".
+_NEVER_CLOSE_ON_SILENCE = 1_000_000
+
+
+class _RawTraffic:
+    """Counts raw bytes received since the last request (trace_packet hook: it runs on our loop)."""
+
+    def __init__(self) -> None:
+        self.rx_bytes = 0
+
+    def __call__(self, sending: bool, data: bytes) -> bytes:
+        if sending:
+            self.rx_bytes = 0
+        else:
+            self.rx_bytes += len(data)
+        return data
+
+
+class ModbusLink(BmsLink):
+    """Shared Modbus logic; subclasses only build the pymodbus client."""
+
+    framing_error_is_crc = False
+
+    def __init__(self, name: str, *, request_timeout_s: float, reconnect_initial_s: float,
+                 reconnect_max_s: float) -> None:
+        super().__init__(name, reconnect_initial_s=reconnect_initial_s, reconnect_max_s=reconnect_max_s)
+        self._timeout_s = request_timeout_s
+        self._traffic = _RawTraffic()
+        self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
+
+    def _make_client(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
+        raise NotImplementedError
+
+    @property
+    def _where(self) -> str:
+        raise NotImplementedError
+
+    async def _connect(self) -> None:
+        client = self._make_client()
+        client.set_max_no_responses(_NEVER_CLOSE_ON_SILENCE)
+        try:
+            ok = await client.connect()
+        except (OSError, ModbusException) as exc:
+            client.close()
+            raise ConnectionRefusedPollError(f"cannot open {self._where}: {exc}") from exc
+        if not ok:
+            client.close()
+            raise ConnectionRefusedPollError(f"cannot open {self._where}")
+        self._client = client
+
+    async def _disconnect(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def read_registers(self, device_id: int, table: Table, address: int, count: int) -> list[int]:
+        """One FC3/FC4 read with every failure classified into a typed error."""
+        client = self._client
+        if client is None:
+            raise ConnectionRefusedPollError(f"{self._where} is not connected")
+        self._traffic.rx_bytes = 0
+        reader = client.read_holding_registers if table is Table.HOLDING else client.read_input_registers
+        try:
+            response: Any = await reader(address, count=count, device_id=device_id)
+        except ModbusIOException as exc:
+            if self._traffic.rx_bytes > 0:
+                if self.framing_error_is_crc:
+                    raise CrcError(
+                        f"{self._traffic.rx_bytes} bytes from device {device_id} on {self._where} "
+                        f"never formed a valid frame (bad CRC or framing)"
+                    ) from exc
+                raise InvalidDataError(f"malformed Modbus frame from {self._where}") from exc
+            raise PollTimeoutError(
+                f"device {device_id} on {self._where} did not answer within {self._timeout_s * 1000:.0f} ms"
+            ) from exc
+        except ConnectionException as exc:
+            raise ConnectionRefusedPollError(f"{self._where}: {exc}") from exc
+        except ModbusException as exc:
+            raise InvalidDataError(f"{self._where}: {exc}") from exc
+        if response.isError():
+            code = int(getattr(response, "exception_code", 0))
+            if code == GATEWAY_NO_RESPONSE:
+                raise PollTimeoutError(f"gateway {self._where} reports device {device_id} silent", code=code)
+            raise ModbusExceptionError(
+                f"device {device_id} on {self._where} answered exception code {code:#04x} "
+                f"reading {table.value} {address}+{count}",
+                code=code,
+            )
+        registers = list(response.registers)
+        if len(registers) < count:
+            raise InvalidDataError(f"asked {count} registers at {address}, got {len(registers)}")
+        return registers[:count]
+
+    async def _read(self, unit: UnitRuntime, timeout_s: float) -> RackMeasurements:
+        device_id = unit.config.device_id
+        if unit.plan is None:
+            profile = unit.profile
+            if not isinstance(profile, SunSpecProfile):
+                raise InvalidDataError(f"unit {unit.name} has no register plan")
+
+            async def read_holding(address: int, count: int) -> list[int]:
+                return await self.read_registers(device_id, Table.HOLDING, address, count)
+
+            layout = await discover(read_holding, profile.base_addresses)
+            unit.plan = sunspec_plan(profile, layout)
+            log.info("unit %s: SunSpec at %d, models %s", unit.name, layout.base_address,
+                     sorted(f"{m}" for m, _ in layout.models))
+        plan = unit.plan
+        reads = [
+            (block, await self.read_registers(device_id, block.table, block.address, block.count))
+            for block in plan.blocks
+        ]
+        image = image_from_blocks(reads)
+        return decode_measurements(
+            plan, image, capacity_ah=unit.config.capacity_ah, invert_current=unit.invert_current
+        )
+
+
+class ModbusTcpBmsLink(ModbusLink):
+    def __init__(self, config: ModbusTcpLink, **kwargs: float) -> None:
+        super().__init__(config.name, **kwargs)
+        self.config = config
+
+    @property
+    def _where(self) -> str:
+        return f"modbus tcp {self.config.host}:{self.config.port}"
+
+    def _make_client(self) -> AsyncModbusTcpClient:
+        return AsyncModbusTcpClient(
+            self.config.host,
+            port=self.config.port,
+            timeout=self._timeout_s,
+            retries=0,
+            reconnect_delay=0,  # reconnect is ours (BmsLink), with jittered bounded backoff
+            trace_packet=self._traffic,
+        )
+
+
+class ModbusRtuBmsLink(ModbusLink):
+    framing_error_is_crc = True
+    reconnect_on_comm_loss = False
+
+    def __init__(self, config: ModbusRtuLink, **kwargs: float) -> None:
+        super().__init__(config.name, **kwargs)
+        self.config = config
+
+    @property
+    def _where(self) -> str:
+        return f"modbus rtu {self.config.device}@{self.config.baudrate}"
+
+    def _make_client(self) -> AsyncModbusSerialClient:
+        return AsyncModbusSerialClient(
+            self.config.device,
+            framer=FramerType.RTU,
+            baudrate=self.config.baudrate,
+            parity=self.config.parity,
+            stopbits=self.config.stopbits,
+            bytesize=self.config.bytesize,
+            timeout=self._timeout_s,
+            retries=0,
+            reconnect_delay=0,
+            trace_packet=self._traffic,
+        )

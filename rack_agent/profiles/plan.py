@@ -1,0 +1,249 @@
+"""A resolved register plan: which blocks to read, and how to turn registers into telemetry.
+
+Both profile kinds resolve to the same :class:`RegisterPlan`; decoding is one
+pure function of (plan, register image). The simulator uses the inverse
+(:func:`encode_numeric`) so the two sides share one definition of each type.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from rack_agent.errors import InvalidDataError
+from rack_agent.profiles.spec import RegisterType, Table
+from shared.models import ContactorState, ProtectionFlags, RackMeasurements
+
+MAX_REGISTERS_PER_READ = 125  # Modbus FC3/FC4 limit (pymodbus raises ValueError above it)
+MAX_GAP_REGISTERS = 16  # reading a few unused registers is cheaper than another round trip
+
+RegisterImage = Mapping[tuple[Table, int], int]
+
+
+@dataclass(frozen=True, slots=True)
+class RegRef:
+    table: Table
+    address: int
+    type: RegisterType
+    word_order: str = "big"
+    invalid_raw: frozenset[int] = frozenset()
+
+    @property
+    def addresses(self) -> range:
+        return range(self.address, self.address + self.type.words)
+
+
+@dataclass(frozen=True, slots=True)
+class NumericPoint:
+    ref: RegRef | None
+    scale: float = 1.0
+    offset: float = 0.0
+    const: float | None = None
+    # A SunSpec scale-factor register: value = raw × 10^sf × scale + offset.
+    sf_ref: RegRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LocationPoint:
+    format: str
+    refs: tuple[RegRef, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BitPoint:
+    ref: RegRef
+    bit: int
+
+
+@dataclass(frozen=True, slots=True)
+class ContactorPoint:
+    ref: RegRef
+    bit: int | None
+    closed_values: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    table: Table
+    address: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterPlan:
+    name: str
+    numeric: Mapping[str, NumericPoint]
+    locations: Mapping[str, LocationPoint] = field(default_factory=dict)
+    alarms: Mapping[str, BitPoint] = field(default_factory=dict)
+    warnings: Mapping[str, BitPoint] = field(default_factory=dict)
+    contactor: ContactorPoint | None = None
+    blocks: tuple[Block, ...] = ()
+
+    def refs(self) -> Iterable[RegRef]:
+        for point in self.numeric.values():
+            if point.ref is not None:
+                yield point.ref
+            if point.sf_ref is not None:
+                yield point.sf_ref
+        for loc in self.locations.values():
+            yield from loc.refs
+        for bit in (*self.alarms.values(), *self.warnings.values()):
+            yield bit.ref
+        if self.contactor is not None:
+            yield self.contactor.ref
+
+
+def plan_blocks(refs: Iterable[RegRef]) -> tuple[Block, ...]:
+    """Group the registers into as few reads as the 125-register limit allows."""
+    by_table: dict[Table, set[int]] = {}
+    for ref in refs:
+        by_table.setdefault(ref.table, set()).update(ref.addresses)
+    blocks: list[Block] = []
+    for table in sorted(by_table):
+        addresses = sorted(by_table[table])
+        start = prev = addresses[0]
+        for addr in addresses[1:]:
+            if addr - prev > MAX_GAP_REGISTERS or addr - start + 1 > MAX_REGISTERS_PER_READ:
+                blocks.append(Block(table, start, prev - start + 1))
+                start = addr
+            prev = addr
+        blocks.append(Block(table, start, prev - start + 1))
+    return tuple(blocks)
+
+
+def with_blocks(plan: RegisterPlan) -> RegisterPlan:
+    return RegisterPlan(
+        name=plan.name,
+        numeric=plan.numeric,
+        locations=plan.locations,
+        alarms=plan.alarms,
+        warnings=plan.warnings,
+        contactor=plan.contactor,
+        blocks=plan_blocks(plan.refs()),
+    )
+
+
+def image_from_blocks(blocks: Iterable[tuple[Block, list[int]]]) -> dict[tuple[Table, int], int]:
+    image: dict[tuple[Table, int], int] = {}
+    for block, registers in blocks:
+        if len(registers) != block.count:
+            raise InvalidDataError(
+                f"read of {block.count} registers at {block.address} returned {len(registers)}"
+            )
+        for i, value in enumerate(registers):
+            image[(block.table, block.address + i)] = value
+    return image
+
+
+def read_raw(ref: RegRef, image: RegisterImage) -> int | float:
+    """The raw value of one register reference (an int, or a float for f32)."""
+    try:
+        words = [image[(ref.table, a)] for a in ref.addresses]
+    except KeyError as exc:
+        raise InvalidDataError(f"register {ref.table.value}:{exc.args[0][1]} was not read") from exc
+    if ref.word_order == "little":
+        words.reverse()
+    if ref.type is RegisterType.U16:
+        raw: int | float = words[0]
+    elif ref.type is RegisterType.S16:
+        raw = words[0] - 0x10000 if words[0] & 0x8000 else words[0]
+    else:
+        combined = (words[0] << 16) | words[1]
+        if ref.type is RegisterType.U32:
+            raw = combined
+        elif ref.type is RegisterType.S32:
+            raw = combined - 0x1_0000_0000 if combined & 0x8000_0000 else combined
+        else:
+            raw = struct.unpack(">f", combined.to_bytes(4, "big"))[0]
+    if isinstance(raw, int) and raw in ref.invalid_raw:
+        raise InvalidDataError(f"register {ref.table.value}:{ref.address} holds the not-available marker {raw:#x}")
+    return raw
+
+
+def _scaled(name: str, point: NumericPoint, image: RegisterImage) -> float:
+    if point.const is not None:
+        return point.const
+    assert point.ref is not None  # guaranteed by construction: either const or ref
+    raw = read_raw(point.ref, image)
+    value = float(raw)
+    if point.sf_ref is not None:
+        sf = read_raw(point.sf_ref, image)
+        if not isinstance(sf, int) or not -10 <= sf <= 10:
+            raise InvalidDataError(f"{name}: scale factor {sf!r} out of range -10..10")
+        value *= 10.0**sf
+    value = value * point.scale + point.offset
+    if not math.isfinite(value):
+        raise InvalidDataError(f"{name}: not a finite number ({value!r})")
+    return value
+
+
+def _location(point: LocationPoint, image: RegisterImage) -> str:
+    return point.format.format(*(int(read_raw(ref, image)) for ref in point.refs))
+
+
+def _bit(point: BitPoint, image: RegisterImage) -> bool:
+    raw = read_raw(point.ref, image)
+    return bool((int(raw) >> point.bit) & 1)
+
+
+def decode_measurements(
+    plan: RegisterPlan,
+    image: RegisterImage,
+    *,
+    capacity_ah: float | None = None,
+    invert_current: bool = False,
+) -> RackMeasurements:
+    """Turn a register image into validated measurements, or raise :class:`InvalidDataError`."""
+    values: dict[str, object] = {name: _scaled(name, point, image) for name, point in plan.numeric.items()}
+    if "capacity_ah" not in values:
+        if capacity_ah is None:
+            raise InvalidDataError("profile has no capacity_ah point and the unit config gives none")
+        values["capacity_ah"] = capacity_ah
+    if invert_current:
+        values["current_a"] = -float(values["current_a"])  # type: ignore[arg-type]
+    for name, loc in plan.locations.items():
+        values[name] = _location(loc, image)
+    values["alarms"] = ProtectionFlags(**{name: _bit(p, image) for name, p in plan.alarms.items()})
+    values["warnings"] = ProtectionFlags(**{name: _bit(p, image) for name, p in plan.warnings.items()})
+    if plan.contactor is not None:
+        c = plan.contactor
+        raw = int(read_raw(c.ref, image))
+        closed = bool((raw >> c.bit) & 1) if c.bit is not None else raw in c.closed_values
+        values["contactor"] = ContactorState.CLOSED if closed else ContactorState.OPEN
+    try:
+        return RackMeasurements.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "measurements"
+        raise InvalidDataError(f"{where}: {first['msg']} (got {first.get('input')!r})") from exc
+
+
+def encode_raw(ref: RegRef, raw: int | float) -> list[int]:
+    """Registers holding ``raw`` for ``ref`` (inverse of :func:`read_raw`)."""
+    if ref.type is RegisterType.F32:
+        combined = int.from_bytes(struct.pack(">f", float(raw)), "big")
+    else:
+        value = int(raw)
+        bits = 16 * ref.type.words
+        lo = -(1 << (bits - 1)) if ref.type in (RegisterType.S16, RegisterType.S32) else 0
+        hi = (1 << (bits - 1)) - 1 if lo else (1 << bits) - 1
+        if not lo <= value <= hi:
+            raise ValueError(f"{value} does not fit {ref.type.value}")
+        combined = value & ((1 << bits) - 1)
+    if ref.type.words == 1:
+        return [combined]
+    words = [(combined >> 16) & 0xFFFF, combined & 0xFFFF]
+    if ref.word_order == "little":
+        words.reverse()
+    return words
+
+
+def encode_numeric(point: NumericPoint, value: float, sf: int = 0) -> list[int]:
+    """Registers carrying physical ``value`` for a point (the simulator's write path)."""
+    assert point.ref is not None
+    raw = (value - point.offset) / point.scale / (10.0**sf)
+    return encode_raw(point.ref, raw if point.ref.type is RegisterType.F32 else round(raw))

@@ -1,0 +1,185 @@
+"""Rack telemetry: the wire contract between rack agents and the controller.
+
+Sign convention (one place, used everywhere): ``current_a`` is **positive while
+charging** and negative while discharging, matching the inverter CAN frame 0x356.
+All limits are non-negative magnitudes. Units are part of every field name.
+
+Physical bounds below are the validation of the contract: a payload outside
+them is rejected by the decoder as physically impossible (0–1000 V DC,
+−40…125 °C, limits ≥ 0, SOC/SOH 0–100 %, finite numbers only).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_MAJOR = 1
+SCHEMA_MINOR = 0
+
+PACK_VOLTAGE_MAX_V = 1000.0
+CELL_VOLTAGE_MAX_V = 10.0
+TEMPERATURE_MIN_C = -40.0
+TEMPERATURE_MAX_C = 125.0
+CURRENT_ABS_MAX_A = 10_000.0
+CAPACITY_MAX_AH = 100_000.0
+
+PackVolts = Annotated[float, Field(ge=0.0, le=PACK_VOLTAGE_MAX_V, allow_inf_nan=False)]
+CellVolts = Annotated[float, Field(ge=0.0, le=CELL_VOLTAGE_MAX_V, allow_inf_nan=False)]
+Celsius = Annotated[float, Field(ge=TEMPERATURE_MIN_C, le=TEMPERATURE_MAX_C, allow_inf_nan=False)]
+Amps = Annotated[float, Field(ge=-CURRENT_ABS_MAX_A, le=CURRENT_ABS_MAX_A, allow_inf_nan=False)]
+LimitAmps = Annotated[float, Field(ge=0.0, le=CURRENT_ABS_MAX_A, allow_inf_nan=False)]
+Percent = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)]
+AmpHours = Annotated[float, Field(ge=0.0, le=CAPACITY_MAX_AH, allow_inf_nan=False)]
+Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+Location = Annotated[str, Field(max_length=64)]
+Counter = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LinkStatus(StrEnum):
+    """Outcome class of the last poll of one BMS unit."""
+
+    OK = "ok"
+    TIMEOUT = "timeout"
+    CRC_ERROR = "crc_error"
+    MODBUS_EXCEPTION = "modbus_exception"
+    CONNECTION_REFUSED = "connection_refused"
+    INVALID_DATA = "invalid_data"
+
+
+class RackCommState(StrEnum):
+    """Whether the agent currently has a working link to the rack's BMS."""
+
+    OK = "ok"
+    COMM_LOST = "comm_lost"
+
+
+class ContactorState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    UNKNOWN = "unknown"
+
+
+class ProtectionFlags(_Frozen):
+    """Named protection conditions; used both for alarms (trips) and warnings (pre-alarms)."""
+
+    cell_over_voltage: bool = False
+    cell_under_voltage: bool = False
+    pack_over_voltage: bool = False
+    pack_under_voltage: bool = False
+    charge_over_current: bool = False
+    discharge_over_current: bool = False
+    charge_over_temperature: bool = False
+    charge_under_temperature: bool = False
+    discharge_over_temperature: bool = False
+    discharge_under_temperature: bool = False
+    cell_imbalance: bool = False
+    internal_fault: bool = False
+    insulation_fault: bool = False
+
+    def raised(self) -> tuple[str, ...]:
+        """Names of the conditions that are set, in declaration order."""
+        return tuple(name for name, value in self if value)
+
+    def union(self, other: ProtectionFlags) -> ProtectionFlags:
+        return ProtectionFlags(**{name: value or getattr(other, name) for name, value in self})
+
+
+PROTECTION_FLAG_NAMES: tuple[str, ...] = tuple(ProtectionFlags.model_fields)
+
+
+class LinkCounters(_Frozen):
+    """Cumulative poll outcomes of one BMS unit since the agent started."""
+
+    ok: Counter = 0
+    timeout: Counter = 0
+    crc_error: Counter = 0
+    modbus_exception: Counter = 0
+    connection_refused: Counter = 0
+    invalid_data: Counter = 0
+    skipped_slots: Counter = 0
+
+
+class UnitLink(_Frozen):
+    """Link health of one BMS unit of the rack."""
+
+    unit: Identifier
+    status: LinkStatus
+    consecutive_failures: Counter = 0
+    last_exception_code: Annotated[int, Field(ge=0, le=255)] | None = None
+    counters: LinkCounters = LinkCounters()
+
+
+class RackMeasurements(_Frozen):
+    """What the rack's BMS reports, in SI-ish units with the unit in the name."""
+
+    pack_voltage_v: PackVolts
+    current_a: Amps
+    soc_pct: Percent
+    soh_pct: Percent
+    cell_voltage_max_v: CellVolts
+    cell_voltage_max_location: Location = ""
+    cell_voltage_min_v: CellVolts
+    cell_voltage_min_location: Location = ""
+    temperature_max_c: Celsius
+    temperature_max_location: Location = ""
+    temperature_min_c: Celsius
+    temperature_min_location: Location = ""
+    charge_current_limit_a: LimitAmps
+    discharge_current_limit_a: LimitAmps
+    charge_voltage_limit_v: PackVolts
+    discharge_voltage_limit_v: PackVolts
+    alarms: ProtectionFlags = ProtectionFlags()
+    warnings: ProtectionFlags = ProtectionFlags()
+    contactor: ContactorState = ContactorState.UNKNOWN
+    capacity_ah: AmpHours
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RackMeasurements:
+        if self.cell_voltage_min_v > self.cell_voltage_max_v:
+            raise ValueError(
+                f"cell_voltage_min_v {self.cell_voltage_min_v} exceeds cell_voltage_max_v {self.cell_voltage_max_v}"
+            )
+        if self.temperature_min_c > self.temperature_max_c:
+            raise ValueError(
+                f"temperature_min_c {self.temperature_min_c} exceeds temperature_max_c {self.temperature_max_c}"
+            )
+        return self
+
+
+class RackTelemetry(_Frozen):
+    """One published state of one rack.
+
+    ``measurements`` is ``None`` only when the agent has never read the BMS.
+    When ``comm_state`` is ``comm_lost`` the limits are zero by contract: a
+    rack that cannot be heard grants no current.
+    """
+
+    schema_version: tuple[Annotated[int, Field(ge=0, le=255)], Annotated[int, Field(ge=0, le=255)]] = (
+        SCHEMA_MAJOR,
+        SCHEMA_MINOR,
+    )
+    site_id: Identifier
+    rack_id: Identifier
+    seq: Counter
+    timestamp_s: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    poll_interval_ms: Annotated[int, Field(ge=10, le=60_000)]
+    comm_state: RackCommState
+    measurements: RackMeasurements | None
+    units: tuple[UnitLink, ...] = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _comm_lost_grants_nothing(self) -> RackTelemetry:
+        m = self.measurements
+        if self.comm_state is RackCommState.COMM_LOST and m is not None:
+            if m.charge_current_limit_a != 0.0 or m.discharge_current_limit_a != 0.0:
+                raise ValueError("a comm_lost rack must carry zero charge and discharge current limits")
+        if self.comm_state is RackCommState.OK and m is None:
+            raise ValueError("comm_state ok requires measurements")
+        return self

@@ -1,0 +1,63 @@
+"""MQTT topic scheme. Every name lives here; nobody formats a topic string elsewhere.
+
+``{prefix}/{site}/rack/{rack}/telemetry``   msgpack RackTelemetry, QoS 0, Message Expiry
+``{prefix}/{site}/rack/{rack}/status``      retained ``online`` / Last Will ``offline``
+``{prefix}/{site}/controller/{node}/status`` retained controller role record
+``{prefix}/{site}/controller/leader``       retained leader record (epoch, node), with expiry
+``{prefix}/{site}/cluster/state``           msgpack consolidated state from the active controller
+``{prefix}/{site}/cmd/{target}``            commands (e.g. clear latched alarms)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STATUS_ONLINE = b"online"
+STATUS_OFFLINE = b"offline"
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    prefix: str
+    site_id: str
+
+    @property
+    def _base(self) -> str:
+        return f"{self.prefix}/{self.site_id}"
+
+    def rack_telemetry(self, rack_id: str) -> str:
+        return f"{self._base}/rack/{rack_id}/telemetry"
+
+    def rack_status(self, rack_id: str) -> str:
+        return f"{self._base}/rack/{rack_id}/status"
+
+    @property
+    def all_rack_telemetry(self) -> str:
+        return f"{self._base}/rack/+/telemetry"
+
+    @property
+    def all_rack_status(self) -> str:
+        return f"{self._base}/rack/+/status"
+
+    def controller_status(self, node_id: str) -> str:
+        return f"{self._base}/controller/{node_id}/status"
+
+    @property
+    def leader(self) -> str:
+        return f"{self._base}/controller/leader"
+
+    @property
+    def cluster_state(self) -> str:
+        return f"{self._base}/cluster/state"
+
+    def command(self, target: str) -> str:
+        return f"{self._base}/cmd/{target}"
+
+    def rack_id_from_topic(self, topic: str) -> str | None:
+        """The rack id of a per-rack topic under this site, or None if the topic is not one."""
+        head = f"{self._base}/rack/"
+        if not topic.startswith(head):
+            return None
+        rest = topic[len(head) :]
+        rack_id, sep, _kind = rest.partition("/")
+        return rack_id if sep and rack_id else None
