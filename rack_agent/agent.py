@@ -173,12 +173,22 @@ class RackAgent:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event, *, max_polls: int | None = None) -> None:
-        """Poll and publish until ``stop`` is set (or ``max_polls`` slots have run)."""
+    async def start(self) -> None:
+        """Open the metrics endpoint and begin connecting to the broker and the BMS links."""
         self.metrics.serve(self.config.metrics)
         await self.mqtt.start()
         for link in self.links.values():
             await link.start()
+        # Give the links one poll interval to come up, so the first poll is not a certain failure.
+        interval_s = self.config.polling.interval_ms / 1000.0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + interval_s
+        while not all(link.connected for link in self.links.values()) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def run(self, stop: asyncio.Event, *, max_polls: int | None = None) -> None:
+        """Start, then poll and publish until ``stop`` is set (or ``max_polls`` slots have run)."""
+        await self.start()
         interval_s = self.config.polling.interval_ms / 1000.0
         self.schedule = FixedRateSchedule(self._monotonic(), interval_s)
         try:
@@ -205,6 +215,7 @@ class RackAgent:
             await self.close()
 
     async def close(self) -> None:
+        """Stop links, say "offline" (a clean disconnect suppresses the Last Will), close metrics."""
         for link in self.links.values():
             await link.stop()
         await self.mqtt.stop(final=(self._status_topic, STATUS_OFFLINE, True))

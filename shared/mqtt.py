@@ -108,6 +108,7 @@ class MqttSession:
         if will is not None:
             self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self._started = False
+        self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -135,6 +136,7 @@ class MqttSession:
         if not self._started:
             return
         self._started = False
+        self._stopping = True
         if final is not None and self._client.is_connected():
             info = self._client.publish(final[0], final[1], qos=1, retain=final[2])
             await asyncio.to_thread(_wait_published, info, 1.0)
@@ -222,7 +224,8 @@ class MqttSession:
     def _disconnected_in_loop(self, reason: str) -> None:
         if self.connected.is_set():
             self.stats.disconnects += 1
-            log.warning("mqtt %s: disconnected (%s)", self.client_id, reason)
+            level = logging.INFO if self._stopping else logging.WARNING
+            log.log(level, "mqtt %s: disconnected (%s)", self.client_id, reason)
         self.stats.last_disconnect_reason = reason
         self.connected.clear()
 

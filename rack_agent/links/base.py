@@ -21,6 +21,9 @@ from shared.models import RackMeasurements
 
 log = logging.getLogger(__name__)
 
+# A unit read may take several requests (blocks, SunSpec discovery), each with its own timeout.
+UNIT_READ_DEADLINE_REQUESTS = 8
+
 
 class BmsLink(ABC):
     """One physical link (a TCP connection, a serial line, a CAN bus) to one or more BMS units."""
@@ -76,22 +79,30 @@ class BmsLink(ABC):
                 continue
             await self._disconnect()
             # A fresh retrying object per outage: the backoff starts small again after a healthy link.
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(ConnectionRefusedPollError),
-                wait=wait_exponential_jitter(
-                    initial=self._reconnect_initial_s,
-                    max=self._reconnect_max_s,
-                    jitter=self._reconnect_initial_s,
-                ),
-                reraise=True,
-            ):
-                with attempt:
-                    self.connect_attempts += 1
-                    try:
-                        await self._connect()
-                    except ConnectionRefusedPollError as exc:
-                        log.debug("link %s: connect failed: %s", self.name, exc)
-                        raise
+            # pymodbus's connect() may swallow a cancellation, so the loop also ends when unwanted.
+            try:
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(ConnectionRefusedPollError),
+                    stop=lambda _state: not self._wanted,
+                    wait=wait_exponential_jitter(
+                        multiplier=self._reconnect_initial_s,
+                        max=self._reconnect_max_s,
+                        jitter=self._reconnect_initial_s,
+                    ),
+                    reraise=True,
+                ):
+                    with attempt:
+                        self.connect_attempts += 1
+                        try:
+                            await self._connect()
+                        except ConnectionRefusedPollError as exc:
+                            log.debug("link %s: connect failed: %s", self.name, exc)
+                            raise
+            except ConnectionRefusedPollError:
+                return  # stopped while still failing to connect
+            if not self._wanted:
+                await self._disconnect()
+                return
             self._connected = True
             log.info("link %s: connected", self.name)
 
@@ -100,20 +111,25 @@ class BmsLink(ABC):
         async with self._turn:
             if not self._connected:
                 raise ConnectionRefusedPollError(f"link {self.name} is not connected", unit=unit.name)
+            # Each request has its own deadline in the driver; this one bounds the whole unit read
+            # (several blocks, or SunSpec discovery) so that nothing can hang a poll slot.
+            deadline_s = timeout_s * UNIT_READ_DEADLINE_REQUESTS
             try:
-                async with asyncio.timeout(timeout_s):
+                async with asyncio.timeout(deadline_s):
                     return await self._read(unit, timeout_s)
             except TimeoutError as exc:
                 if isinstance(exc, PollError):
                     raise exc.for_unit(unit.name) from None
-                raise PollTimeoutError(
-                    f"no answer within {timeout_s * 1000:.0f} ms on link {self.name}", unit=unit.name
-                ) from exc
+                raise self._deadline_error(deadline_s).for_unit(unit.name) from exc
             except ConnectionRefusedPollError as exc:
                 self.mark_broken(exc.detail)
                 raise exc.for_unit(unit.name) from None
             except PollError as exc:
                 raise exc.for_unit(unit.name) from None
+
+    def _deadline_error(self, deadline_s: float) -> PollError:
+        """What a missed unit-read deadline means on this link (a driver may know better)."""
+        return PollTimeoutError(f"no complete answer within {deadline_s * 1000:.0f} ms on link {self.name}")
 
     @abstractmethod
     async def _connect(self) -> None:

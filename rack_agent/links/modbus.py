@@ -25,6 +25,7 @@ from rack_agent.errors import (
     CrcError,
     InvalidDataError,
     ModbusExceptionError,
+    PollError,
     PollTimeoutError,
 )
 from rack_agent.links.base import BmsLink
@@ -95,6 +96,11 @@ class ModbusLink(BmsLink):
         if self._client is not None:
             self._client.close()
             self._client = None
+
+    def _deadline_error(self, deadline_s: float) -> PollError:
+        if self.framing_error_is_crc and self._traffic.rx_bytes > 0:
+            return CrcError(f"{self._traffic.rx_bytes} bytes on {self._where} never formed a valid frame")
+        return super()._deadline_error(deadline_s)
 
     async def read_registers(self, device_id: int, table: Table, address: int, count: int) -> list[int]:
         """One FC3/FC4 read with every failure classified into a typed error."""

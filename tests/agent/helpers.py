@@ -1,0 +1,63 @@
+"""Builders for agent configs and small waits shared by the agent tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from rack_agent.agent import RackAgent
+from shared.agent_config import AgentConfig
+from shared.config import validate_config
+
+
+def agent_config(
+    link: dict[str, Any],
+    *,
+    profile: str = "acme_flat",
+    mqtt_port: int = 1,
+    prefix: str = "bmslink",
+    interval_ms: int = 100,
+    timeout_ms: int = 60,
+    comm_lost_after: int = 3,
+    extra: dict[str, Any] | None = None,
+    capacity_ah: float | None = None,
+) -> AgentConfig:
+    unit: dict[str, Any] = {"name": "bms", "link": link["name"], "device_id": 1, "profile": profile}
+    if capacity_ah is not None:
+        unit["capacity_ah"] = capacity_ah
+    data: dict[str, Any] = {
+        "site_id": "site-t",
+        "rack_id": "rack-01",
+        "mqtt": {"host": "127.0.0.1", "port": mqtt_port, "topic_prefix": prefix, "reconnect_min_s": 0.1,
+                 "reconnect_max_s": 0.5},
+        "polling": {"interval_ms": interval_ms, "request_timeout_ms": timeout_ms,
+                    "comm_lost_after": comm_lost_after, "reconnect_initial_s": 0.05, "reconnect_max_s": 0.2},
+        "links": [link],
+        "units": [unit],
+    }
+    if extra:
+        for key, value in extra.items():
+            data[key] = {**data.get(key, {}), **value}
+    return validate_config(data, AgentConfig, "<test>")
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def started_links(agent: RackAgent, timeout_s: float = 5.0) -> None:
+    """Start only the BMS links (no MQTT) and wait until all are connected."""
+    for link in agent.links.values():
+        await link.start()
+    await wait_until(lambda: all(link.connected for link in agent.links.values()), timeout_s, "links connected")
+
+
+async def stop_links(agent: RackAgent) -> None:
+    for link in agent.links.values():
+        await link.stop()
