@@ -78,6 +78,43 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     return run_until_signalled(main)
 
 
+# -- controller -------------------------------------------------------------------------------
+
+
+def _load_controller_config(path: Path):  # type: ignore[no-untyped-def]
+    from shared.config import load_config  # noqa: PLC0415
+    from shared.controller_config import ControllerConfig  # noqa: PLC0415
+
+    return load_config(path, ControllerConfig)
+
+
+def _cmd_controller(args: argparse.Namespace) -> int:
+    from controller.service import ControllerService  # noqa: PLC0415
+
+    config = _load_controller_config(args.config)
+    if args.check_config:
+        print(f"{args.config}: ok (site {config.site_id}, node {config.node_id}, {len(config.roster)} rack(s))")
+        return EXIT_OK
+
+    async def main(stop: asyncio.Event) -> None:
+        service = ControllerService(config)
+
+        def reload() -> None:
+            try:
+                service.reload(_load_controller_config(args.config))
+            except ConfigError as exc:
+                log.error("reload refused, keeping the running config: %s", exc)
+
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        try:
+            await service.run(stop)
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+
+    return run_until_signalled(main)
+
+
 # -- monitor ----------------------------------------------------------------------------------
 
 
@@ -107,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--config", type=Path, required=True, help="agent TOML file")
     agent.add_argument("--check-config", action="store_true", help="validate the config and exit")
     agent.set_defaults(handler=_cmd_agent)
+
+    controller = sub.add_parser("controller", help="run a cluster controller")
+    controller.add_argument("--config", type=Path, required=True, help="controller TOML file")
+    controller.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    controller.set_defaults(handler=_cmd_controller)
 
     monitor = sub.add_parser("monitor", help="live view of the telemetry on a broker")
     monitor.add_argument("--host", default="127.0.0.1")

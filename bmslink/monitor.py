@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from shared.codec import DecodeError, telemetry_decoder
+from rich.console import Group
+from rich.panel import Panel
+
+from shared.cluster import ConsolidatedState
+from shared.codec import DecodeError, Decoder, telemetry_decoder
 from shared.config import MqttConfig
 from shared.mqtt import MqttSession
 from shared.models import RackTelemetry
@@ -29,8 +34,19 @@ class TelemetryView:
         self.received_at: dict[str, float] = {}
         self.status: dict[str, str] = {}
         self.rejected: list[str] = []
+        self.cluster_decoder: Decoder[ConsolidatedState] = Decoder(ConsolidatedState)
+        self.cluster: ConsolidatedState | None = None
+        self.cluster_at = 0.0
+        self.inverter_status: str = ""
 
     def feed(self, topic: str, payload: bytes, now_s: float) -> None:
+        if topic == self.topics.cluster_state:
+            try:
+                self.cluster = self.cluster_decoder.decode(payload, topic)
+                self.cluster_at = now_s
+            except DecodeError as exc:
+                self.rejected = [*self.rejected[-4:], str(exc)]
+            return
         rack = self.topics.rack_id_from_topic(topic)
         if rack is None:
             return
@@ -72,18 +88,49 @@ class TelemetryView:
             )
         return t
 
+    def render(self, now_s: float) -> Group:
+        parts: list[Table | Panel] = [self.table(now_s)]
+        c = self.cluster
+        if c is not None:
+            lines = [
+                f"[b]CCL {c.charge_current_limit_a:.1f} A[/b]  {c.ccl_reason}",
+                f"[b]DCL {c.discharge_current_limit_a:.1f} A[/b]  {c.dcl_reason}",
+                f"CVL {c.charge_voltage_limit_v:.1f} V  {c.cvl_reason}",
+                f"DVL {c.discharge_voltage_limit_v:.1f} V  {c.dvl_reason}",
+                f"SOC {c.soc_pct:.1f} %  V {c.pack_voltage_v:.2f}  I {c.current_a:.1f} A  "
+                f"eligible {c.eligible_racks}/{c.roster_size}  node {c.node_id}  age {now_s - self.cluster_at:.1f} s",
+                "racks: " + ", ".join(f"{r.rack_id}:{r.state.value}"
+                                      + (f"({r.share:.0%})" if r.eligible and r.share < 1 else "") for r in c.racks),
+                "alarms: " + (", ".join((*c.alarms.raised(), *c.cluster.raised())) or "none")
+                + ("  unknown racks: " + ", ".join(c.unknown_racks) if c.unknown_racks else ""),
+            ]
+            parts.append(Panel("\n".join(lines), title="consolidated battery (what the inverter is told)"))
+        if self.inverter_status:
+            parts.append(Panel(self.inverter_status, title="simulated inverter"))
+        if self.rejected:
+            parts.append(Panel("\n".join(self.rejected[-3:]), title="rejected payloads"))
+        return Group(*parts)
 
-async def run_monitor(mqtt: MqttConfig, site_id: str, stop: asyncio.Event, *, once: bool = False) -> int:
+
+async def run_monitor(
+    mqtt: MqttConfig,
+    site_id: str,
+    stop: asyncio.Event,
+    *,
+    once: bool = False,
+    inverter_status: Callable[[], str] | None = None,
+) -> int:
     topics = Topics(mqtt.topic_prefix, site_id)
     view = TelemetryView(topics)
     session = MqttSession(mqtt, f"bmslink-monitor-{uuid.uuid4().hex[:8]}")
     session.subscribe(topics.all_rack_telemetry)
     session.subscribe(topics.all_rack_status, qos=1)
+    session.subscribe(topics.cluster_state)
     await session.start()
     console = Console()
     deadline = time.monotonic() + 3.0 if once else None
     try:
-        with Live(view.table(time.monotonic()), console=console, refresh_per_second=4,
+        with Live(view.render(time.monotonic()), console=console, refresh_per_second=4,
                   transient=once) as live:
             while not stop.is_set():
                 if deadline is not None and time.monotonic() >= deadline:
@@ -97,9 +144,11 @@ async def run_monitor(mqtt: MqttConfig, site_id: str, stop: asyncio.Event, *, on
                         view.feed(msg.topic, msg.payload, msg.received_monotonic_s)
                 except TimeoutError:
                     pass
-                live.update(view.table(time.monotonic()))
+                if inverter_status is not None:
+                    view.inverter_status = inverter_status()
+                live.update(view.render(time.monotonic()))
         if once:
-            console.print(view.table(time.monotonic()))
+            console.print(view.render(time.monotonic()))
     finally:
         await session.stop()
     return 0

@@ -11,6 +11,7 @@ A user adds a new BMS make by writing one of these files, not Python.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -128,10 +129,10 @@ class ProfileHeader(Frozen):
 
 
 def _check_common(
-    points: dict[str, object],
-    locations: dict[str, object],
-    alarms: dict[str, object],
-    warnings: dict[str, object],
+    points: Mapping[str, object],
+    locations: Mapping[str, object],
+    alarms: Mapping[str, object],
+    warnings: Mapping[str, object],
     contactor: object,
 ) -> None:
     from shared.models import PROTECTION_FLAG_NAMES  # noqa: PLC0415 - keeps the import graph flat

@@ -1,0 +1,129 @@
+"""The controller's table of racks, fed by MQTT telemetry; hands out one immutable snapshot per cycle.
+
+The hot path (one message) is: decode + validate, store, and a cheap check of
+whether this message lowers a limit or raises an alarm, in which case the
+caller runs a control cycle at once instead of waiting for the heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from controller.core.snapshot import RackInput, Snapshot
+from shared.codec import DecodeError, Decoder, telemetry_decoder
+from shared.models import RackCommState, RackTelemetry
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+MAX_UNKNOWN_TRACKED = 64  # a spoofing publisher must not grow our memory without bound
+
+
+@dataclass(frozen=True, slots=True)
+class Ingest:
+    """Outcome of one message: which rack, whether it was accepted, and whether it calls for a cycle now."""
+
+    rack_id: str | None
+    accepted: bool
+    urgent: bool
+    reason: str = ""
+
+
+def _urgent_change(old: RackTelemetry | None, new: RackTelemetry) -> bool:
+    """True if ``new`` may lower the bank limits or raise an alarm compared with ``old``."""
+    if old is None:
+        return False  # a newly heard rack can only add current, and it is re-admitted slowly anyway
+    if new.comm_state is not old.comm_state:
+        return new.comm_state is RackCommState.COMM_LOST
+    a, b = old.measurements, new.measurements
+    if a is None or b is None:
+        return b is None
+    return (
+        b.charge_current_limit_a < a.charge_current_limit_a
+        or b.discharge_current_limit_a < a.discharge_current_limit_a
+        or b.charge_voltage_limit_v < a.charge_voltage_limit_v
+        or b.discharge_voltage_limit_v > a.discharge_voltage_limit_v
+        or b.contactor is not a.contactor
+        or bool(set(b.alarms.raised()) - set(a.alarms.raised()))
+        or b.cell_voltage_max_v > a.cell_voltage_max_v + 0.005
+        or b.cell_voltage_min_v < a.cell_voltage_min_v - 0.005
+        or b.temperature_max_c > a.temperature_max_c + 0.5
+    )
+
+
+class RackTable:
+    def __init__(self, topics: Topics, roster: tuple[str, ...], site_id: str, max_payload_bytes: int) -> None:
+        self.topics = topics
+        self.site_id = site_id
+        self.decoder: Decoder[RackTelemetry] = telemetry_decoder(max_payload_bytes)
+        self._racks: dict[str, RackInput] = {}
+        self._roster: tuple[str, ...] = ()
+        self.unknown: dict[str, int] = {}
+        self.counters: Counter[str] = Counter()
+        self.set_roster(roster)
+
+    def set_roster(self, roster: tuple[str, ...]) -> None:
+        """Adopt a new roster (SIGHUP reload): keeps what is known of racks that stay."""
+        self._roster = roster
+        self._racks = {rid: self._racks.get(rid, RackInput(rid)) for rid in roster}
+        for rid in roster:
+            self.unknown.pop(rid, None)
+
+    @property
+    def roster(self) -> tuple[str, ...]:
+        return self._roster
+
+    def ingest(self, topic: str, payload: bytes, now_s: float) -> Ingest:
+        rack_id = self.topics.rack_id_from_topic(topic)
+        if rack_id is None:
+            self.counters["foreign_topic"] += 1
+            return Ingest(None, False, False, "not a rack topic")
+        current = self._racks.get(rack_id)
+        if current is None:
+            return self._unknown(rack_id, "not on the roster")
+        try:
+            telemetry = self.decoder.decode(payload, topic)
+        except DecodeError as exc:
+            self.counters[f"rejected_{exc.reason.value}"] += 1
+            log.warning("rack %s: %s", rack_id, exc)
+            self._racks[rack_id] = RackInput(
+                rack_id, current.telemetry, current.received_s, invalid_at_s=now_s, invalid_reason=str(exc)
+            )
+            return Ingest(rack_id, False, True, str(exc))
+        if telemetry.rack_id != rack_id or telemetry.site_id != self.site_id:
+            # A payload claiming another identity than its topic is spoofed or misconfigured: never counted.
+            self.counters["identity_mismatch"] += 1
+            log.warning("rack %s: payload claims site %s rack %s; ignored", rack_id, telemetry.site_id,
+                        telemetry.rack_id)
+            self._racks[rack_id] = RackInput(
+                rack_id, current.telemetry, current.received_s, invalid_at_s=now_s,
+                invalid_reason=f"payload claims rack {telemetry.rack_id} of site {telemetry.site_id}",
+            )
+            return Ingest(rack_id, False, True, "identity mismatch")
+        old = current.telemetry
+        if old is not None and telemetry.seq <= old.seq and telemetry.timestamp_s <= old.timestamp_s:
+            # A duplicate or reordered message (QoS redelivery, agent restart is caught by timestamp).
+            self.counters["out_of_order"] += 1
+            return Ingest(rack_id, False, False, "out of order")
+        self.counters["accepted"] += 1
+        urgent = _urgent_change(old, telemetry) or current.invalid_at_s is not None
+        self._racks[rack_id] = RackInput(rack_id, telemetry, now_s)
+        return Ingest(rack_id, True, urgent)
+
+    def _unknown(self, rack_id: str, why: str) -> Ingest:
+        self.counters["unknown_rack"] += 1
+        if rack_id not in self.unknown:
+            if len(self.unknown) >= MAX_UNKNOWN_TRACKED:
+                return Ingest(rack_id, False, False, why)
+            log.warning("telemetry from rack %s which is %s: reported, never counted", rack_id, why)
+        self.unknown[rack_id] = self.unknown.get(rack_id, 0) + 1
+        return Ingest(rack_id, False, False, why)
+
+    def snapshot(self, clear_command_s: float | None) -> Snapshot:
+        return Snapshot(
+            racks=dict(self._racks),
+            unknown_racks=tuple(sorted(self.unknown)),
+            clear_command_s=clear_command_s,
+        )

@@ -1,0 +1,109 @@
+"""The consolidated battery: what the controller computed from the rack table in one cycle.
+
+Published (msgpack) on the cluster topic for monitoring, and the single input
+of the inverter frame encoder. Sign and unit conventions as in
+``shared/models.py`` (current positive = charging, limits as magnitudes).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.models import (
+    SCHEMA_MAJOR,
+    SCHEMA_MINOR,
+    Amps,
+    Celsius,
+    CellVolts,
+    Identifier,
+    LimitAmps,
+    Location,
+    PackVolts,
+    Percent,
+    ProtectionFlags,
+)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RackState(StrEnum):
+    """Controller's verdict on one roster rack in this cycle; only ``ok`` racks are eligible."""
+
+    OK = "ok"
+    STALE = "stale"  # no valid telemetry for stale_after (or never heard)
+    FAULTED = "faulted"  # a protection alarm that takes the rack out, or a latched alarm not yet cleared
+    DISCONNECTED = "disconnected"  # contactor open: not in parallel, not counted
+    COMM_LOST = "comm_lost"  # its agent reports the BMS link lost
+    INVALID = "invalid"  # the last payload failed validation
+
+
+class ClusterFlags(_Frozen):
+    """Cluster-level conditions raised by the controller itself."""
+
+    not_enough_racks: bool = False
+    latched_alarm: bool = False  # a protection alarm is latched until cleared by command
+    unknown_rack_seen: bool = False
+
+    def raised(self) -> tuple[str, ...]:
+        return tuple(name for name, value in self if value)
+
+
+class RackView(_Frozen):
+    rack_id: Identifier
+    state: RackState
+    eligible: bool
+    # 0..1 while a returning rack ramps in (1 = full share); 0 when not eligible.
+    share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    charge_current_limit_a: LimitAmps = 0.0
+    discharge_current_limit_a: LimitAmps = 0.0
+    reason: str = ""
+
+
+class ConsolidatedState(_Frozen):
+    schema_version: tuple[int, int] = (SCHEMA_MAJOR, SCHEMA_MINOR)
+    site_id: Identifier
+    node_id: Identifier
+    timestamp_s: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    # What the inverter is told.
+    charge_current_limit_a: LimitAmps
+    discharge_current_limit_a: LimitAmps
+    charge_voltage_limit_v: PackVolts
+    discharge_voltage_limit_v: PackVolts
+    charge_enabled: bool
+    discharge_enabled: bool
+    # Why: e.g. "CCL 112 A = rack-03 (cell 3.43 V taper) × 4 eligible, ramping".
+    ccl_reason: str = ""
+    dcl_reason: str = ""
+    cvl_reason: str = ""
+    dvl_reason: str = ""
+    # The consolidated battery as measured.
+    soc_pct: Percent = 0.0
+    soh_pct: Percent = 0.0
+    pack_voltage_v: PackVolts = 0.0
+    current_a: Amps = 0.0
+    temperature_avg_c: Celsius = 25.0
+    cell_voltage_max_v: CellVolts = 0.0
+    cell_voltage_max_location: Location = ""
+    cell_voltage_min_v: CellVolts = 0.0
+    cell_voltage_min_location: Location = ""
+    temperature_max_c: Celsius = 25.0
+    temperature_max_location: Location = ""
+    temperature_min_c: Celsius = 25.0
+    temperature_min_location: Location = ""
+    alarms: ProtectionFlags = ProtectionFlags()
+    warnings: ProtectionFlags = ProtectionFlags()
+    cluster: ClusterFlags = ClusterFlags()
+    capacity_ah: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
+    roster_size: Annotated[int, Field(ge=0)] = 0
+    eligible_racks: Annotated[int, Field(ge=0)] = 0
+    racks: tuple[RackView, ...] = ()
+    unknown_racks: tuple[str, ...] = ()
+
+    @property
+    def alarm_active(self) -> bool:
+        return bool(self.alarms.raised()) or self.cluster.not_enough_racks or self.cluster.latched_alarm

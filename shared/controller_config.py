@@ -1,0 +1,163 @@
+"""Configuration of a cluster controller: roster, aggregation policies, derates, CAN feed, failover."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from shared.config import Frozen, MetricsConfig, MqttConfig, Port
+from shared.models import Identifier
+
+NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+
+
+class CurrentPolicy(StrEnum):
+    """How rack current limits combine into the bank limit (see controller/policies.py for the physics)."""
+
+    N_TIMES_MIN = "n_times_min"
+    SUM = "sum"
+    MIN = "min"
+
+
+class RosterRack(Frozen):
+    rack_id: Identifier
+    capacity_ah: Annotated[float, Field(gt=0, le=100_000)]
+    # Default: 3 × the rack's own poll interval as it reports it, bounded to 1–10 s.
+    stale_after_ms: Annotated[int, Field(ge=1000, le=10_000)] | None = None
+
+
+class Breakpoint(Frozen):
+    """One point of a piecewise-linear table: at ``x`` the factor is ``factor`` (0..1)."""
+
+    x: float
+    factor: Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _check_table(points: tuple[Breakpoint, ...], name: str) -> None:
+    xs = [p.x for p in points]
+    if xs != sorted(xs) or len(set(xs)) != len(xs):
+        raise ValueError(f"{name}: breakpoints must have strictly increasing x, got {xs}")
+
+
+class ThermalDerateConfig(Frozen):
+    """Rate-of-rise derate: the table applies to the max cell temperature projected ``horizon_s`` ahead."""
+
+    enabled: bool = True
+    window_s: Annotated[float, Field(ge=1.0, le=600.0)] = 30.0
+    horizon_s: Annotated[float, Field(ge=0.0, le=600.0)] = 60.0
+    # Only rising temperature projects forward; a cooling pack is judged on its present temperature.
+    table: Annotated[tuple[Breakpoint, ...], Field(min_length=2)] = (
+        Breakpoint(x=40.0, factor=1.0),
+        Breakpoint(x=45.0, factor=0.5),
+        Breakpoint(x=50.0, factor=0.25),
+        Breakpoint(x=55.0, factor=0.0),
+    )
+    hysteresis_c: Annotated[float, Field(ge=0.0, le=10.0)] = 1.0
+
+    @model_validator(mode="after")
+    def _table(self) -> ThermalDerateConfig:
+        _check_table(self.table, "thermal_derate.table")
+        return self
+
+
+class CellTaperConfig(Frozen):
+    """CCL tapers to 0 as the max cell nears its charge limit; DCL as the min cell nears cut-off."""
+
+    enabled: bool = True
+    charge_table: Annotated[tuple[Breakpoint, ...], Field(min_length=2)] = (
+        Breakpoint(x=3.40, factor=1.0),
+        Breakpoint(x=3.45, factor=0.1),
+        Breakpoint(x=3.55, factor=0.0),
+    )
+    discharge_table: Annotated[tuple[Breakpoint, ...], Field(min_length=2)] = (
+        Breakpoint(x=2.80, factor=0.0),
+        Breakpoint(x=2.90, factor=0.1),
+        Breakpoint(x=3.00, factor=1.0),
+    )
+    hysteresis_v: Annotated[float, Field(ge=0.0, le=0.2)] = 0.01
+
+    @model_validator(mode="after")
+    def _tables(self) -> CellTaperConfig:
+        _check_table(self.charge_table, "cell_taper.charge_table")
+        _check_table(self.discharge_table, "cell_taper.discharge_table")
+        return self
+
+
+class AggregationConfig(Frozen):
+    ccl_policy: CurrentPolicy = CurrentPolicy.N_TIMES_MIN
+    dcl_policy: CurrentPolicy = CurrentPolicy.N_TIMES_MIN
+    min_racks: Annotated[int, Field(ge=1, le=1000)] = 1
+    # A returning rack must stay ok this long before it counts, then its share ramps in over ramp_in_s.
+    readmit_hold_s: Annotated[float, Field(ge=0.0, le=3600.0)] = 10.0
+    readmit_ramp_s: Annotated[float, Field(ge=0.0, le=3600.0)] = 10.0
+    # Increases of CCL/DCL ramp at this rate; decreases apply at once.
+    ramp_up_a_per_s: Positive = 10.0
+    # Bank-level ceilings: the inverter never gets more than this whatever the racks say.
+    max_charge_current_a: Annotated[float, Field(gt=0, le=3276.0)] = 1000.0
+    max_discharge_current_a: Annotated[float, Field(gt=0, le=3276.0)] = 1000.0
+    # Used for CVL when no rack has ever reported (CVL is never 0: an inverter reads 0 V as over-voltage).
+    fallback_voltage_v: Annotated[float, Field(gt=0, le=1000)] = 51.2
+    thermal_derate: ThermalDerateConfig = ThermalDerateConfig()
+    cell_taper: CellTaperConfig = CellTaperConfig()
+
+
+class Dialect(StrEnum):
+    PYLON = "pylon"
+    VICTRON = "victron"
+    SMA = "sma"
+
+
+class InverterCanConfig(Frozen):
+    interface: str = "socketcan"
+    channel: str = "can0"
+    bitrate: Annotated[int, Field(ge=10_000, le=1_000_000)] = 500_000
+    dialect: Dialect = Dialect.PYLON
+    # The full frame set goes out every period, and at once when a limit falls or an alarm rises.
+    period_ms: Annotated[int, Field(ge=100, le=1000)] = 1000
+    manufacturer: Annotated[str, Field(min_length=1, max_length=8, pattern=r"^[\x20-\x7e]+$")] = "PYLON"
+    # After this many consecutive send failures the transmitter is considered failed (bus-off, no ACK).
+    send_failures_before_fault: Annotated[int, Field(ge=1, le=100)] = 5
+
+    @model_validator(mode="after")
+    def _sma_inhibit(self) -> InverterCanConfig:
+        if self.dialect is Dialect.SMA and self.period_ms < 200:
+            raise ValueError("the SMA dialect allows at most one value per 200 ms per ID: period_ms >= 200")
+        return self
+
+
+class ModbusServerConfig(Frozen):
+    """Optional read-only SunSpec 802 view of the consolidated battery for EMS/inverters that read Modbus."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 1502
+    device_id: Annotated[int, Field(ge=1, le=247)] = 1
+    allowed_clients: tuple[str, ...] = ("127.0.0.1",)
+
+
+class ControllerConfig(Frozen):
+    site_id: Identifier
+    node_id: Identifier
+    priority: Annotated[int, Field(ge=0, le=255)] = 100
+    mqtt: MqttConfig = MqttConfig()
+    roster: Annotated[tuple[RosterRack, ...], Field(min_length=1, max_length=1000)]
+    aggregation: AggregationConfig = AggregationConfig()
+    can: InverterCanConfig = InverterCanConfig()
+    modbus_server: ModbusServerConfig = ModbusServerConfig()
+    metrics: MetricsConfig = MetricsConfig(port=9109)
+    max_payload_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 64 * 1024
+    # Publish the consolidated state on the cluster topic (for monitoring), at most this often.
+    state_publish_period_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
+    mode: Literal["single"] = "single"
+
+    @model_validator(mode="after")
+    def _roster(self) -> ControllerConfig:
+        ids = [r.rack_id for r in self.roster]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"roster rack_id values must be unique, got {ids}")
+        if self.aggregation.min_racks > len(ids):
+            raise ValueError(f"aggregation.min_racks ({self.aggregation.min_racks}) exceeds the roster size ({len(ids)})")
+        return self

@@ -1,0 +1,108 @@
+"""The rack table: roster only, typed rejections counted, and the 'act now' signal for decreases."""
+
+from __future__ import annotations
+
+import msgpack
+
+from controller.rack_table import RackTable
+from shared.codec import encode
+from shared.models import ContactorState, ProtectionFlags, RackCommState
+from shared.topics import Topics
+from tests.contract.samples import measurements, telemetry
+
+TOPICS = Topics("bmslink", "site-a")
+
+
+def _table() -> RackTable:
+    return RackTable(TOPICS, ("rack-01", "rack-02"), "site-a", 64 * 1024)
+
+
+def _send(table: RackTable, rack: str = "rack-01", now: float = 1.0, **kw: object):  # type: ignore[no-untyped-def]
+    t = telemetry(rack_id=rack, **kw)
+    return table.ingest(TOPICS.rack_telemetry(rack), encode(t), now)
+
+
+def test_roster_rack_is_accepted_and_snapshotted() -> None:
+    table = _table()
+    result = _send(table)
+    assert result.accepted and not result.urgent
+    snap = table.snapshot(None)
+    assert set(snap.racks) == {"rack-01", "rack-02"}
+    assert snap.racks["rack-01"].telemetry is not None
+    assert snap.racks["rack-01"].received_s == 1.0
+    assert snap.racks["rack-02"].telemetry is None
+
+
+def test_unknown_rack_is_reported_and_never_counted() -> None:
+    table = _table()
+    result = _send(table, rack="rack-99")
+    assert not result.accepted
+    snap = table.snapshot(None)
+    assert snap.unknown_racks == ("rack-99",)
+    assert "rack-99" not in snap.racks
+    assert table.counters["unknown_rack"] == 1
+
+
+def test_payload_claiming_another_rack_is_treated_as_invalid() -> None:
+    table = _table()
+    _send(table, seq=1)
+    t = telemetry(rack_id="rack-02", seq=2)
+    result = table.ingest(TOPICS.rack_telemetry("rack-01"), encode(t), 2.0)
+    assert not result.accepted and result.urgent
+    snap = table.snapshot(None)
+    assert snap.racks["rack-01"].invalid_at_s == 2.0
+    assert snap.racks["rack-01"].telemetry is not None  # the last good one is kept, marked invalid
+    assert table.counters["identity_mismatch"] == 1
+
+
+def test_garbage_marks_the_rack_invalid_and_counts_the_reason() -> None:
+    table = _table()
+    result = table.ingest(TOPICS.rack_telemetry("rack-01"), b"\x00\x01garbage", 3.0)
+    assert not result.accepted and result.urgent
+    assert table.snapshot(None).racks["rack-01"].invalid_at_s == 3.0
+    assert table.counters["rejected_malformed"] == 1
+    # A good message afterwards clears the invalid mark.
+    assert _send(table, now=4.0).accepted
+    assert table.snapshot(None).racks["rack-01"].invalid_at_s is None
+
+
+def test_out_of_range_payload_counted_as_invalid() -> None:
+    raw = msgpack.unpackb(encode(telemetry()), raw=False)
+    raw["measurements"]["temperature_max_c"] = 500.0
+    table = _table()
+    table.ingest(TOPICS.rack_telemetry("rack-01"), msgpack.packb(raw), 1.0)
+    assert table.counters["rejected_invalid"] == 1
+
+
+def test_duplicate_is_ignored() -> None:
+    table = _table()
+    assert _send(table, seq=5).accepted
+    assert not _send(table, seq=5, now=2.0).accepted
+    assert table.counters["out_of_order"] == 1
+
+
+def test_decreases_and_new_alarms_are_urgent_increases_are_not() -> None:
+    table = _table()
+    _send(table, seq=1)
+    lower = measurements(charge_current_limit_a=100.0)
+    assert _send(table, seq=2, timestamp_s=1_790_000_001.0, measurements=lower).urgent
+    higher = measurements(charge_current_limit_a=120.0)
+    assert not _send(table, seq=3, timestamp_s=1_790_000_002.0, measurements=higher).urgent
+    alarm = measurements(charge_current_limit_a=120.0, alarms=ProtectionFlags(charge_over_temperature=True))
+    assert _send(table, seq=4, timestamp_s=1_790_000_003.0, measurements=alarm).urgent
+    opened = measurements(charge_current_limit_a=120.0, contactor=ContactorState.OPEN)
+    assert _send(table, seq=5, timestamp_s=1_790_000_004.0, measurements=opened).urgent
+    lost = measurements(charge_current_limit_a=0.0, discharge_current_limit_a=0.0)
+    assert _send(table, seq=6, timestamp_s=1_790_000_005.0, measurements=lost,
+                 comm_state=RackCommState.COMM_LOST).urgent
+
+
+def test_reload_keeps_known_racks_and_adds_new_ones() -> None:
+    table = _table()
+    _send(table)
+    _send(table, rack="rack-03")
+    table.set_roster(("rack-01", "rack-03"))
+    snap = table.snapshot(None)
+    assert set(snap.racks) == {"rack-01", "rack-03"}
+    assert snap.racks["rack-01"].telemetry is not None
+    assert snap.unknown_racks == ()
