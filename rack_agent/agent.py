@@ -30,6 +30,9 @@ from shared.topics import STATUS_OFFLINE, STATUS_ONLINE, Topics
 
 log = logging.getLogger(__name__)
 
+# Links start spread over this fraction of the poll interval (the rest is left for the slowest link).
+STAGGER_FRACTION = 0.5
+
 
 def load_unit_profiles(config: AgentConfig) -> dict[str, UnitRuntime]:
     """Resolve every unit's profile; raises :class:`ProfileError` on the first bad one."""
@@ -142,13 +145,22 @@ class RackAgent:
         if link.reconnect_on_comm_loss and all(u.health.comm_lost for u in peers):
             link.mark_broken(f"all units on link {link.name} comm-lost")
 
-    async def _poll_link(self, link: BmsLink) -> None:
+    async def _poll_link(self, link: BmsLink, start_delay_s: float) -> None:
+        if start_delay_s > 0:
+            await asyncio.sleep(start_delay_s)
         for unit in self._units_by_link[link.name]:
             await self._poll_unit(link, unit)
 
     async def poll_once(self) -> RackTelemetry:
-        """Poll every unit once and return the rack telemetry built from the results."""
-        await asyncio.gather(*(self._poll_link(link) for link in self.links.values()))
+        """Poll every unit once and return the rack telemetry built from the results.
+
+        Links start staggered over the first part of the slot instead of all at its first instant:
+        a burst of N requests would queue behind each other (in this loop and in a gateway) and
+        inflate every poll's latency; spread out, each sees an idle path.
+        """
+        links = list(self.links.values())
+        spacing_s = STAGGER_FRACTION * self.config.polling.interval_ms / 1000.0 / max(1, len(links))
+        await asyncio.gather(*(self._poll_link(link, k * spacing_s) for k, link in enumerate(links)))
         self.stats.polls += 1
         return self._build_telemetry()
 
