@@ -167,8 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("sim", help="simulated peers")
     sim_sub = sim.add_subparsers(dest="sim_command", required=True)
     from sim.cli import add_bms_parser  # noqa: PLC0415
+    from sim.inverter_cli import add_inverter_parser  # noqa: PLC0415
 
     add_bms_parser(sim_sub)
+    add_inverter_parser(sim_sub)
     return parser
 
 

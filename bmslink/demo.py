@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -85,15 +86,21 @@ def read_inverter_status(path: Path) -> str:
     except (OSError, ValueError):
         return "waiting for the simulated inverter..."
     limits = data.get("limits") or {}
+    told = "no limits yet" if not limits else (
+        f"CVL {limits['charge_voltage_limit_v']:.1f} V  CCL {limits['charge_current_limit_a']:.1f} A  "
+        f"DCL {limits['discharge_current_limit_a']:.1f} A  charge {'on' if limits['charge_enabled'] else 'OFF'}  "
+        f"discharge {'on' if limits['discharge_enabled'] else 'OFF'}"
+    )
     return (
-        f"BMS communication: {data.get('status', '?')}   current {data.get('current_a', 0):.1f} A   "
-        f"limits CCL {limits.get('ccl_a', '-')} A / DCL {limits.get('dcl_a', '-')} A / "
-        f"CVL {limits.get('cvl_v', '-')} V   violations {data.get('violations', 0)}"
+        f"BMS communication: {data.get('status', '?')}   drawing {data.get('current_a', 0):.1f} A   {told}   "
+        f"violations {data.get('violations', 0)}   longest gap {data.get('max_set_gap_s', 0):.2f} s"
     )
 
 
 async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
     bmslink = [sys.executable, "-m", "bmslink"]
+    # The live view owns the terminal: keep our own log lines to warnings.
+    logging.getLogger().setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bmslink-demo-") as tmp:
         run_dir = Path(tmp)
         sup = Supervisor(run_dir)

@@ -62,29 +62,30 @@ class TelemetryView:
         self.received_at[rack] = now_s
 
     def table(self, now_s: float) -> Table:
-        t = Table(title=f"bmslink {self.topics.site_id}: racks", expand=False)
-        for col in ("rack", "status", "comm", "age s", "V", "A", "SOC %", "cell V min/max", "T °C min/max",
-                    "CCL A", "DCL A", "CVL V", "DVL V", "contactor", "alarms", "units"):
-            t.add_column(col)
+        t = Table(title=f"bmslink {self.topics.site_id}: racks", expand=False, pad_edge=False)
+        for col in ("rack", "link", "age", "V", "A", "SOC", "cell V", "T max", "CCL/DCL A", "contactor",
+                    "alarms"):
+            t.add_column(col, no_wrap=True)
         for rack in sorted(set(self.racks) | set(self.status)):
             tel = self.racks.get(rack)
             status = self.status.get(rack, "?")
             if tel is None:
-                t.add_row(rack, status, *[""] * 14)
+                t.add_row(rack, status, *[""] * 9)
                 continue
-            age = f"{now_s - self.received_at[rack]:.1f}"
-            units = ", ".join(f"{u.unit}:{u.status.value}" for u in tel.units)
+            age = f"{now_s - self.received_at[rack]:.1f}s"
+            link = tel.comm_state.value if status == "online" else f"{status}/{tel.comm_state.value}"
+            units = {u.status.value for u in tel.units} - {"ok"}
+            if units:
+                link += f" ({','.join(sorted(units))})"
             m = tel.measurements
             if m is None:
-                t.add_row(rack, status, tel.comm_state.value, age, *[""] * 11, units)
+                t.add_row(rack, link, age, *[""] * 8)
                 continue
             t.add_row(
-                rack, status, tel.comm_state.value, age, f"{m.pack_voltage_v:.2f}", f"{m.current_a:.1f}",
-                f"{m.soc_pct:.1f}", f"{m.cell_voltage_min_v:.3f}/{m.cell_voltage_max_v:.3f}",
-                f"{m.temperature_min_c:.1f}/{m.temperature_max_c:.1f}", f"{m.charge_current_limit_a:.1f}",
-                f"{m.discharge_current_limit_a:.1f}", f"{m.charge_voltage_limit_v:.1f}",
-                f"{m.discharge_voltage_limit_v:.1f}", m.contactor.value,
-                ",".join(m.alarms.raised()) or "-", units,
+                rack, link, age, f"{m.pack_voltage_v:.2f}", f"{m.current_a:.1f}", f"{m.soc_pct:.1f}%",
+                f"{m.cell_voltage_min_v:.3f}-{m.cell_voltage_max_v:.3f}", f"{m.temperature_max_c:.1f}",
+                f"{m.charge_current_limit_a:.0f}/{m.discharge_current_limit_a:.0f}", m.contactor.value,
+                ",".join(m.alarms.raised()) or "-",
             )
         return t
 
