@@ -15,7 +15,7 @@ Positive = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
 
 
 class CurrentPolicy(StrEnum):
-    """How rack current limits combine into the bank limit (see controller/policies.py for the physics)."""
+    """How rack current limits combine into the bank limit (see controller/core/policies.py for the physics)."""
 
     N_TIMES_MIN = "n_times_min"
     SUM = "sum"

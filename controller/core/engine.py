@@ -1,0 +1,416 @@
+"""One control cycle of the cluster controller, as a pure function.
+
+``step(snapshot, config, now_s, wall_s, memory) -> (ConsolidatedState, memory')`` reads no
+clock, no socket and no random source: the same arguments always give the same result. Its
+whole history is :class:`CoreMemory`, which the shell keeps and hands back next cycle
+(``CoreMemory.initial()`` at start). ``now_s`` is the controller's monotonic time, the clock
+of ``RackInput.received_s``/``invalid_at_s`` and ``Snapshot.clear_command_s``; ``wall_s`` only
+becomes ``ConsolidatedState.timestamp_s``.
+
+The cycle, each step in its own module:
+
+1. per roster rack, in roster order: read freshness/validity/link (``classify.read_rack``),
+   update its alarm latches (``faults``), classify it (``classify.classify``: stale >
+   invalid > comm_lost > faulted > disconnected > ok), admit it (``admission``: hold, then
+   share ramp), derate its own limits (``derates``: thermal rate-of-rise and cell taper, per
+   rack);
+2. every consolidated quantity from the aggregation table (``policies``);
+3. the bank CCL/DCL: zeroing rules (quorum, latched alarms of that direction, a rack in
+   parallel at 0 A), the configured maximum and the frame range, the slew (``slew``), 0.1 A
+   rounding (``bounds``);
+4. CVL/DVL with their invariants (``bounds``) and fallbacks; reasons (``provenance``).
+
+``RackView`` limits are the rack's limits after the controller's derates, i.e. what entered
+the policy, for every rack in parallel (eligible or still in its hold); 0 otherwise.
+
+Only roster racks count. Ids in ``Snapshot.unknown_racks``, and any non-roster id found in
+``Snapshot.racks``, are listed in ``ConsolidatedState.unknown_racks`` and raise
+``ClusterFlags.unknown_rack_seen``; they never reach the table.
+
+When no rack is in parallel the measured quantities keep the model defaults, CVL is the
+last consolidated pack voltage (else ``fallback_voltage_v``) with CCL 0, and DVL the last
+consolidated DVL (else 0 V), kept below CVL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from controller.core.admission import Admission, admit, quorum_shortfall
+from controller.core.bounds import amps_down, current_down_da, voltage_limits_dv
+from controller.core.classify import Reading, classify, read_rack
+from controller.core.derates import Derate, DerateMemory, derate_rack
+from controller.core.faults import Block, Direction, Latch, blocks, direction_of, latched_flags, update_latches
+from controller.core.policies import Member, Pick, Population, table
+from controller.core.provenance import limit_reason, rack_reason
+from controller.core.slew import slew
+from controller.core.snapshot import RackInput, Snapshot
+from shared.cluster import ClusterFlags, ConsolidatedState, RackState, RackView
+from shared.controller_config import AggregationConfig, ControllerConfig, RosterRack
+from shared.models import CURRENT_ABS_MAX_A, ProtectionFlags
+
+# CVL from a rack below this is no usable ceiling (a BMS saying 0 V means "do not charge").
+CVL_USABLE_MIN_V = 0.1
+
+
+def _no_latches() -> Mapping[str, Latch]:
+    return MappingProxyType({})
+
+
+def _no_racks() -> Mapping[str, RackMemory]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class RackMemory:
+    """What one rack carries between cycles."""
+
+    ok_since_s: float | None = None
+    latches: Mapping[str, Latch] = field(default_factory=_no_latches)
+    derate: DerateMemory = field(default_factory=DerateMemory)
+
+
+@dataclass(frozen=True, slots=True)
+class CoreMemory:
+    """Everything ``step`` carries from one cycle to the next (immutable; a new one per cycle).
+
+    ``charge_limit_a``/``discharge_limit_a`` are the slewed bank limits before 0.1 A rounding;
+    ``last_pack_voltage_v``/``last_dvl_v`` the latest consolidated values from racks in
+    parallel, the fallbacks for CVL/DVL when none is.
+    """
+
+    last_now_s: float | None = None
+    charge_limit_a: float = 0.0
+    discharge_limit_a: float = 0.0
+    last_pack_voltage_v: float | None = None
+    last_dvl_v: float | None = None
+    racks: Mapping[str, RackMemory] = field(default_factory=_no_racks)
+
+    @classmethod
+    def initial(cls) -> CoreMemory:
+        """The memory of a controller that has just started (every rack goes through the hold)."""
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class _Rack:
+    """One roster rack's outcome of step 1."""
+
+    rack_id: str
+    reading: Reading
+    state: RackState
+    state_reason: str
+    admission: Admission
+    derate: Derate
+    member: Member | None  # set when reporting
+    memory: RackMemory
+
+
+def _rack_cycle(
+    *,
+    roster_rack: RosterRack,
+    rack_input: RackInput,
+    snapshot: Snapshot,
+    config: ControllerConfig,
+    now_s: float,
+    previous: RackMemory,
+) -> _Rack:
+    agg = config.aggregation
+    reading = read_rack(rack_input, roster_rack, config.site_id, now_s)
+    m = reading.measurements
+    observed_s = reading.received_s if reading.received_s is not None else now_s
+    latches = update_latches(
+        previous.latches, m.alarms if m is not None else None, observed_s, snapshot.clear_command_s
+    )
+    state, state_reason = classify(reading, latches)
+    is_ok = state is RackState.OK
+    admission = admit(previous.ok_since_s, is_ok, now_s, agg.readmit_hold_s, agg.readmit_ramp_s)
+    derate, derate_memory = derate_rack(previous.derate, m, reading.received_s, now_s, agg)
+    member = None
+    if m is not None:
+        member = Member(
+            rack_id=roster_rack.rack_id,
+            measurements=m,
+            capacity_ah=roster_rack.capacity_ah,
+            share=admission.share,
+            charge_limit_a=m.charge_current_limit_a * derate.charge_factor,
+            discharge_limit_a=m.discharge_current_limit_a * derate.discharge_factor,
+            charge_notes=derate.charge_notes,
+            discharge_notes=derate.discharge_notes,
+        )
+    memory = RackMemory(ok_since_s=admission.ok_since_s, latches=latches, derate=derate_memory)
+    return _Rack(roster_rack.rack_id, reading, state, state_reason, admission, derate, member, memory)
+
+
+@dataclass(frozen=True, slots=True)
+class _Limit:
+    out_a: float
+    slewed_a: float
+    reason: str
+
+
+def _bank_limit(
+    label: str,
+    *,
+    pick: Pick | None,
+    zero_reasons: list[str],
+    maximum_a: float,
+    previous_a: float,
+    elapsed_s: float,
+    rate_a_per_s: float,
+) -> _Limit:
+    if pick is not None and pick.forced_zero:
+        zero_reasons = [*zero_reasons, pick.detail]
+    wanted = 0.0 if zero_reasons or pick is None else pick.value
+    target = min(max(0.0, wanted), maximum_a)
+    slewed = slew(previous_a, target, elapsed_s, rate_a_per_s)
+    out_a = current_down_da(slewed) / 10.0
+    reason = limit_reason(
+        label,
+        out_a=out_a,
+        pick=pick,
+        zero_reasons=zero_reasons,
+        capped_at_a=maximum_a if wanted > maximum_a else None,
+        rising_to_a=target if slewed < target else None,
+        rate_a_per_s=rate_a_per_s,
+    )
+    return _Limit(out_a, slewed, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class _Volts:
+    cvl_dv: int
+    dvl_dv: int
+    cvl_reason: str
+    dvl_reason: str
+    charge_zero: list[str]  # a rack in parallel without a usable ceiling stops charging
+    dvl_from_racks_v: float | None
+
+
+def _voltage_limits(
+    cvl_pick: Pick | None,
+    dvl_pick: Pick | None,
+    pack_voltage_v: float | None,
+    memory: CoreMemory,
+    agg: AggregationConfig,
+) -> _Volts:
+    """CVL = lowest ceiling in parallel; with none usable, hold the bank where it is (the pack
+    voltage now or last seen, else the configured fallback). DVL = highest floor, else the last
+    one, else 0 V; always below CVL."""
+    charge_zero: list[str] = []
+    if cvl_pick is not None and cvl_pick.value >= CVL_USABLE_MIN_V:
+        cvl_v, cvl_why = cvl_pick.value, f" = lowest ceiling {cvl_pick.rack_id} {cvl_pick.value:.1f} V"
+    else:
+        if cvl_pick is not None:
+            why = f"{cvl_pick.rack_id} reports CVL {cvl_pick.value:.1f} V"
+            charge_zero.append(why)
+        else:
+            why = "no rack in parallel"
+        if pack_voltage_v is not None and pack_voltage_v >= CVL_USABLE_MIN_V:
+            cvl_v, cvl_why = pack_voltage_v, f": {why}, held at the consolidated pack voltage"
+        else:
+            cvl_v, cvl_why = agg.fallback_voltage_v, f": {why} and no pack voltage known, fallback_voltage_v"
+
+    if dvl_pick is not None:
+        dvl_v, dvl_why = dvl_pick.value, f" = highest floor {dvl_pick.rack_id} {dvl_pick.value:.1f} V"
+    elif memory.last_dvl_v is not None:
+        dvl_v, dvl_why = memory.last_dvl_v, ": no rack in parallel, last consolidated DVL"
+    else:
+        dvl_v, dvl_why = 0.0, ": no rack in parallel and none seen before"
+    cvl_dv, dvl_dv, dvl_lowered = voltage_limits_dv(cvl_v, dvl_v)
+    if dvl_lowered:
+        dvl_why += f"; lowered to stay below CVL {cvl_dv / 10:.1f} V"
+    return _Volts(
+        cvl_dv,
+        dvl_dv,
+        f"CVL {cvl_dv / 10:.1f} V{cvl_why}",
+        f"DVL {dvl_dv / 10:.1f} V{dvl_why}",
+        charge_zero,
+        dvl_pick.value if dvl_pick is not None else None,
+    )
+
+
+def _number(pick: Pick | None, default: float) -> float:
+    return default if pick is None else pick.value
+
+
+def split_by_effect(
+    raised: ProtectionFlags, *, charge_zero: bool, discharge_zero: bool
+) -> tuple[ProtectionFlags, ProtectionFlags]:
+    """Split raised alarms into (alarms the output acts on, the rest reported as warnings).
+
+    An inverter reads an alarm bit as "this direction is stopped" (a protection bit next to a granted
+    current is a protocol violation), so ``alarms`` carries a flag only when the direction it protects
+    is zero in this output: a faulted rack taken out while the others carry on, or an imbalance that
+    blocks nothing, is visible as a warning (and in its rack's view), not as a bank trip.
+    """
+    kept: dict[str, bool] = {}
+    demoted: dict[str, bool] = {}
+    for name in raised.raised():
+        direction = direction_of(name)
+        if direction is Direction.CHARGE:
+            effective = charge_zero
+        elif direction is Direction.DISCHARGE:
+            effective = discharge_zero
+        else:
+            effective = charge_zero and discharge_zero
+        (kept if effective else demoted)[name] = True
+    return ProtectionFlags(**kept), ProtectionFlags(**demoted)
+
+
+def step(
+    snapshot: Snapshot,
+    config: ControllerConfig,
+    now_s: float,
+    wall_s: float,
+    memory: CoreMemory,
+) -> tuple[ConsolidatedState, CoreMemory]:
+    """Compute this cycle's consolidated battery from ``snapshot`` and the previous ``memory``."""
+    agg = config.aggregation
+    elapsed_s = 0.0 if memory.last_now_s is None else max(0.0, now_s - memory.last_now_s)
+    roster_ids = {r.rack_id for r in config.roster}
+
+    racks = [
+        _rack_cycle(
+            roster_rack=rr,
+            rack_input=snapshot.racks.get(rr.rack_id) or RackInput(rr.rack_id),
+            snapshot=snapshot,
+            config=config,
+            now_s=now_s,
+            previous=memory.racks.get(rr.rack_id) or RackMemory(),
+        )
+        for rr in config.roster
+    ]
+    populations: dict[Population, list[Member]] = {
+        Population.PARALLEL: [r.member for r in racks if r.state is RackState.OK and r.member is not None],
+        Population.REPORTING: [r.member for r in racks if r.member is not None],
+    }
+    picks = {name: rule.combine(populations[rule.population]) for name, rule in table(agg).items()}
+    eligible = sum(1 for r in racks if r.admission.eligible)
+
+    latches_by_rack = [(r.rack_id, r.memory.latches) for r in racks]
+    charge_blocks = blocks(latches_by_rack, Direction.CHARGE)
+    discharge_blocks = blocks(latches_by_rack, Direction.DISCHARGE)
+    shortfall = quorum_shortfall(eligible, agg.min_racks)
+    quorum_reasons = [shortfall] if shortfall else []
+
+    pack_pick = picks["pack_voltage_v"]
+    pack_voltage_v = pack_pick.value if pack_pick is not None else memory.last_pack_voltage_v
+    volts = _voltage_limits(
+        picks["charge_voltage_limit_v"], picks["discharge_voltage_limit_v"], pack_voltage_v, memory, agg
+    )
+
+    ccl = _bank_limit(
+        "CCL",
+        pick=picks["charge_current_limit_a"],
+        zero_reasons=quorum_reasons + [b.describe() for b in charge_blocks] + volts.charge_zero,
+        maximum_a=agg.max_charge_current_a,
+        previous_a=memory.charge_limit_a,
+        elapsed_s=elapsed_s,
+        rate_a_per_s=agg.ramp_up_a_per_s,
+    )
+    dcl = _bank_limit(
+        "DCL",
+        pick=picks["discharge_current_limit_a"],
+        zero_reasons=quorum_reasons + [b.describe() for b in discharge_blocks],
+        maximum_a=agg.max_discharge_current_a,
+        previous_a=memory.discharge_limit_a,
+        elapsed_s=elapsed_s,
+        rate_a_per_s=agg.ramp_up_a_per_s,
+    )
+
+    latched = {flag for _, latches in latches_by_rack for flag in latches}
+    raised = _flags(picks["alarms"]).union(latched_flags(latched))
+    alarms, demoted = split_by_effect(raised, charge_zero=ccl.out_a == 0.0, discharge_zero=dcl.out_a == 0.0)
+    unknown = tuple(
+        dict.fromkeys((*snapshot.unknown_racks, *sorted(k for k in snapshot.racks if k not in roster_ids)))
+    )
+    report_blocks = blocks(latches_by_rack, Direction.REPORT)
+    views = tuple(_view(r, charge_blocks, discharge_blocks, report_blocks) for r in racks)
+
+    def place(name: str) -> str:
+        pick = picks[name]
+        return "" if pick is None else pick.location
+
+    state = ConsolidatedState(
+        site_id=config.site_id,
+        node_id=config.node_id,
+        timestamp_s=wall_s,
+        charge_current_limit_a=ccl.out_a,
+        discharge_current_limit_a=dcl.out_a,
+        charge_voltage_limit_v=volts.cvl_dv / 10,
+        discharge_voltage_limit_v=volts.dvl_dv / 10,
+        charge_enabled=ccl.out_a > 0.0,
+        discharge_enabled=dcl.out_a > 0.0,
+        ccl_reason=ccl.reason,
+        dcl_reason=dcl.reason,
+        cvl_reason=volts.cvl_reason,
+        dvl_reason=volts.dvl_reason,
+        soc_pct=_number(picks["soc_pct"], 0.0),
+        soh_pct=_number(picks["soh_pct"], 0.0),
+        pack_voltage_v=_number(pack_pick, 0.0),
+        current_a=max(-CURRENT_ABS_MAX_A, min(CURRENT_ABS_MAX_A, _number(picks["current_a"], 0.0))),
+        temperature_avg_c=_number(picks["temperature_avg_c"], 25.0),
+        cell_voltage_max_v=_number(picks["cell_voltage_max_v"], 0.0),
+        cell_voltage_max_location=place("cell_voltage_max_v"),
+        cell_voltage_min_v=_number(picks["cell_voltage_min_v"], 0.0),
+        cell_voltage_min_location=place("cell_voltage_min_v"),
+        temperature_max_c=_number(picks["temperature_max_c"], 25.0),
+        temperature_max_location=place("temperature_max_c"),
+        temperature_min_c=_number(picks["temperature_min_c"], 25.0),
+        temperature_min_location=place("temperature_min_c"),
+        alarms=alarms,
+        warnings=_flags(picks["warnings"]).union(demoted),
+        cluster=ClusterFlags(
+            not_enough_racks=shortfall is not None,
+            latched_alarm=any(latches for _, latches in latches_by_rack),
+            unknown_rack_seen=bool(unknown),
+        ),
+        capacity_ah=_number(picks["capacity_ah"], 0.0),
+        roster_size=len(config.roster),
+        eligible_racks=eligible,
+        racks=views,
+        unknown_racks=unknown,
+    )
+    next_memory = CoreMemory(
+        last_now_s=now_s,
+        charge_limit_a=ccl.slewed_a,
+        discharge_limit_a=dcl.slewed_a,
+        last_pack_voltage_v=pack_voltage_v,
+        last_dvl_v=volts.dvl_from_racks_v if volts.dvl_from_racks_v is not None else memory.last_dvl_v,
+        racks=MappingProxyType({r.rack_id: r.memory for r in racks}),
+    )
+    return state, next_memory
+
+
+def _flags(pick: Pick | None) -> ProtectionFlags:
+    return ProtectionFlags() if pick is None else pick.flags
+
+
+def _view(
+    rack: _Rack,
+    charge_blocks: tuple[Block, ...],
+    discharge_blocks: tuple[Block, ...],
+    report_blocks: tuple[Block, ...],
+) -> RackView:
+    in_parallel = rack.state is RackState.OK and rack.member is not None
+    member = rack.member if in_parallel else None
+    return RackView(
+        rack_id=rack.rack_id,
+        state=rack.state,
+        eligible=rack.admission.eligible,
+        share=rack.admission.share,
+        charge_current_limit_a=amps_down(member.charge_limit_a) if member else 0.0,
+        discharge_current_limit_a=amps_down(member.discharge_limit_a) if member else 0.0,
+        reason=rack_reason(
+            rack.state_reason,
+            admission_note=rack.admission.note,
+            charge_blocks=[b for b in charge_blocks if b.rack_id == rack.rack_id],
+            discharge_blocks=[b for b in discharge_blocks if b.rack_id == rack.rack_id],
+            reported=[b for b in report_blocks if b.rack_id == rack.rack_id],
+            charge_notes=rack.derate.charge_notes if member else (),
+            discharge_notes=rack.derate.discharge_notes if member else (),
+        ),
+    )

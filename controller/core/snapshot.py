@@ -1,0 +1,36 @@
+"""The controller's one consistent view of the rack table for one control cycle."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from shared.models import RackTelemetry
+
+
+@dataclass(frozen=True, slots=True)
+class RackInput:
+    """What the controller knows about one roster rack at the start of a cycle.
+
+    ``telemetry`` is the last payload that passed validation and ``received_s``
+    the controller's monotonic time when it arrived. ``invalid_at_s`` is the
+    time of the latest rejected payload *after* that (None if the latest
+    payload was valid): a rack whose newest word was garbage is ``invalid``.
+    """
+
+    rack_id: str
+    telemetry: RackTelemetry | None = None
+    received_s: float | None = None
+    invalid_at_s: float | None = None
+    invalid_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """All roster racks (every roster id is present), plus ids heard that are not on the roster."""
+
+    racks: Mapping[str, RackInput]
+    unknown_racks: tuple[str, ...] = ()
+    # Monotonic time of the latest accepted "clear latched alarms" command (None: never).
+    clear_command_s: float | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)

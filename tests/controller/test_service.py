@@ -1,0 +1,185 @@
+"""The controller's I/O shell with a real broker and a python-can virtual bus: heartbeat from the cycle,
+immediate decreases, fail-safe on a core defect, bus-health counting, reload of the roster."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import can
+import pytest
+
+from controller import service as service_module
+from controller.frames import FrameDecoder
+from controller.service import ControllerService, must_send_now
+from shared.codec import encode
+from shared.config import MqttConfig, validate_config
+from shared.controller_config import ControllerConfig, Dialect
+from shared.mqtt import MqttSession
+from shared.topics import Topics
+from tests.agent.helpers import wait_until
+from tests.contract.samples import measurements, telemetry
+from tests.fixtures.broker import MosquittoBroker, free_port
+
+
+def config(broker: MosquittoBroker, prefix: str, channel: str, **aggregation: Any) -> ControllerConfig:
+    return validate_config({
+        "site_id": "site-a", "node_id": "n1",
+        "mqtt": {"host": "127.0.0.1", "port": broker.port, "topic_prefix": prefix},
+        "roster": [{"rack_id": "rack-01", "capacity_ah": 280}, {"rack_id": "rack-02", "capacity_ah": 280}],
+        "aggregation": {"readmit_hold_s": 0, "readmit_ramp_s": 0, "ramp_up_a_per_s": 10_000, **aggregation},
+        "can": {"interface": "virtual", "channel": channel, "period_ms": 200},
+    }, ControllerConfig, "<test>")
+
+
+class Bus:
+    """A listener on the inverter bus: decoded 0x351 with arrival times."""
+
+    def __init__(self, channel: str) -> None:
+        self.bus = can.Bus(interface="virtual", channel=channel)
+        self.decoder = FrameDecoder(Dialect.PYLON)
+        self.limits: list[tuple[float, dict[str, float]]] = []
+        self.notifier = can.Notifier(self.bus, [self._rx], loop=asyncio.get_running_loop())
+
+    def _rx(self, msg: can.Message) -> None:
+        if msg.arbitration_id == 0x351:
+            self.limits.append((time.monotonic(), self.decoder.decode(0x351, msg.data)))
+
+    def ccl(self) -> float:
+        return self.limits[-1][1]["ChargeCurrentLimit"] if self.limits else -1.0
+
+    def close(self) -> None:
+        self.notifier.stop()
+        self.bus.shutdown()
+
+
+@pytest.fixture
+async def rig(mqtt_broker: MosquittoBroker, unique_topic_prefix: str) -> AsyncIterator[tuple[ControllerService, Bus, MqttSession, Topics]]:
+    channel = f"inv-{free_port()}"
+    bus = Bus(channel)
+    svc = ControllerService(config(mqtt_broker, unique_topic_prefix, channel))
+    pub = MqttSession(MqttConfig(host="127.0.0.1", port=mqtt_broker.port, topic_prefix=unique_topic_prefix), "pub")
+    await svc.start()
+    await pub.start()
+    assert await pub.wait_connected(5)
+    assert await svc.mqtt.wait_connected(5)
+    try:
+        yield svc, bus, pub, Topics(unique_topic_prefix, "site-a")
+    finally:
+        await pub.stop()
+        await svc.stop()
+        bus.close()
+
+
+def _publish(pub: MqttSession, topics: Topics, rack: str, seq: int, ccl: float) -> None:
+    t = telemetry(rack_id=rack, seq=seq, timestamp_s=1_790_000_000.0 + seq,
+                  measurements=measurements(charge_current_limit_a=ccl))
+    pub.publish(topics.rack_telemetry(rack), encode(t))
+
+
+async def _feed(pub: MqttSession, topics: Topics, ccl: float, seconds: float, start_seq: int = 1) -> int:
+    seq = start_seq
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for rack in ("rack-01", "rack-02"):
+            _publish(pub, topics, rack, seq, ccl)
+        seq += 1
+        await asyncio.sleep(0.1)
+    return seq
+
+
+async def test_heartbeat_comes_from_the_cycle_and_never_stops(rig: Any) -> None:
+    svc, bus, pub, topics = rig
+    await _feed(pub, topics, 100.0, 1.5)
+    assert bus.ccl() == pytest.approx(200.0)
+    # No telemetry at all for a while: frames keep coming every period, and the racks go stale -> 0 A.
+    await asyncio.sleep(4.0)
+    times = [t for t, _ in bus.limits]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert max(gaps) < 0.2 + 0.1
+    assert bus.ccl() == 0.0
+
+
+async def test_decrease_reaches_the_bus_within_milliseconds(rig: Any) -> None:
+    svc, bus, pub, topics = rig
+    seq = await _feed(pub, topics, 100.0, 1.2)
+    await wait_until(lambda: bus.ccl() == pytest.approx(200.0), 2, "steady CCL")
+    delays = []
+    for i in range(5):
+        target = 90.0 - 10 * i
+        await asyncio.sleep(0.05)
+        n = len(bus.limits)
+        sent = time.monotonic()
+        _publish(pub, topics, "rack-01", seq + i, target)
+        await wait_until(lambda: bus.ccl() == pytest.approx(2 * target), 1.0, "lowered CCL")  # noqa: B023
+        arrived = next(t for t, v in bus.limits[n:] if v["ChargeCurrentLimit"] == pytest.approx(2 * target))
+        delays.append(arrived - sent)
+    # Broker hop + decode + cycle + CAN hop on loopback: far below the 1 s heartbeat.
+    assert sorted(delays)[2] < 0.05, delays
+    assert svc.stats.urgent_sets >= 5
+
+
+async def test_core_defect_gives_zero_current_with_alarm_not_silence(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc, bus, pub, topics = rig
+    await _feed(pub, topics, 100.0, 1.0)
+    assert bus.ccl() > 0
+
+    def broken(*_a: Any, **_k: Any) -> Any:
+        raise RuntimeError("injected core defect")
+
+    monkeypatch.setattr(service_module, "step", broken)
+    n = len(bus.limits)
+    await asyncio.sleep(1.0)
+    after = bus.limits[n:]
+    assert len(after) >= 3  # still on the heartbeat
+    assert all(v["ChargeCurrentLimit"] == 0.0 and v["DischargeCurrentLimit"] == 0.0 for _, v in after)
+    assert all(v["ChargeVoltageLimit"] > 0 for _, v in after)
+    assert svc.stats.cycle_errors > 0
+
+
+async def test_bus_error_frames_are_counted_and_survived(rig: Any) -> None:
+    svc, bus, pub, topics = rig
+    injector = can.Bus(interface="virtual", channel=svc.config.can.channel)
+    try:
+        for err_class, data in ((0x40, b""), (0x20, b""), (0x04, bytes([0, 0x20, 0, 0, 0, 0, 0, 0]))):
+            injector.send(can.Message(arbitration_id=err_class, is_error_frame=True, data=data))
+        await wait_until(lambda: svc.can.counters["error_frames"] >= 3, 2.0, "error frames counted")
+    finally:
+        injector.shutdown()
+    assert svc.can.counters["bus_off"] == 1
+    assert svc.can.counters["no_ack"] == 1
+    assert svc.can.counters["error_passive"] == 1
+    n = len(bus.limits)
+    await asyncio.sleep(0.5)
+    assert len(bus.limits) > n  # still transmitting
+
+
+async def test_reload_adds_a_rack_without_restart(rig: Any, mqtt_broker: MosquittoBroker,
+                                                  unique_topic_prefix: str) -> None:
+    svc, bus, pub, topics = rig
+    t = telemetry(rack_id="rack-03", seq=1, measurements=measurements(charge_current_limit_a=50.0))
+    pub.publish(topics.rack_telemetry("rack-03"), encode(t))
+    await wait_until(lambda: "rack-03" in svc.table.unknown, 2.0, "rack-03 reported as unknown")
+    bigger = svc.config.model_copy(update={"roster": (*svc.config.roster,
+                                                       svc.config.roster[0].model_copy(update={"rack_id": "rack-03"}))})
+    svc.reload(bigger)
+    assert svc.table.roster == ("rack-01", "rack-02", "rack-03")
+    assert "rack-03" not in svc.table.unknown
+
+
+def test_must_send_now_only_for_decreases_and_new_alarms() -> None:
+    from shared.cluster import ClusterFlags, ConsolidatedState
+
+    base = ConsolidatedState(site_id="s", node_id="n", timestamp_s=1.0, charge_current_limit_a=100.0,
+                             discharge_current_limit_a=100.0, charge_voltage_limit_v=55.0,
+                             discharge_voltage_limit_v=46.0, charge_enabled=True, discharge_enabled=True)
+    assert must_send_now(None, base)
+    assert not must_send_now(base, base)
+    assert not must_send_now(base, base.model_copy(update={"charge_current_limit_a": 110.0}))
+    assert must_send_now(base, base.model_copy(update={"charge_current_limit_a": 90.0}))
+    assert must_send_now(base, base.model_copy(update={"discharge_voltage_limit_v": 47.0}))
+    assert must_send_now(base, base.model_copy(update={"cluster": ClusterFlags(not_enough_racks=True)}))
