@@ -35,8 +35,10 @@ FrameHandler = Callable[[can.Message, float], None]
 
 
 class CanPort:
-    def __init__(self, config: InverterCanConfig, *, on_frame: FrameHandler | None = None) -> None:
+    def __init__(self, config: InverterCanConfig, *, on_frame: FrameHandler | None = None,
+                 failures_before_fault: int | None = None) -> None:
         self.config = config
+        self._failures_before_fault = failures_before_fault or config.send_failures_before_fault
         self._on_frame = on_frame
         self._bus: can.BusABC | None = None
         self._notifier: can.Notifier | None = None
@@ -51,7 +53,7 @@ class CanPort:
 
     @property
     def healthy(self) -> bool:
-        return self._bus is not None and self.consecutive_send_failures < self.config.send_failures_before_fault
+        return self._bus is not None and self.consecutive_send_failures < self._failures_before_fault
 
     def open(self) -> bool:
         """Open the bus and start listening; False (logged, counted) if the interface is not there."""
@@ -107,13 +109,14 @@ class CanPort:
             self.counters["restarted"] += 1
             log.info("CAN %s: controller restarted after bus-off", self.config.channel)
 
-    def send_all(self, frames: Sequence[can.Message]) -> bool:
+    def send_all(self, frames: Sequence[can.Message], *, kind: str = "sets") -> bool:
         """Send a frame set in order; False if any frame failed (counted, logged once per streak)."""
         if self._bus is None:
             if time.monotonic() - self._last_open_attempt >= REOPEN_AFTER_S:
                 self.open()
             if self._bus is None:
                 self.counters["send_skipped_closed"] += 1
+                self.consecutive_send_failures += 1
                 return False
         ok = True
         for frame in frames:
@@ -127,7 +130,7 @@ class CanPort:
                 self.last_error = str(exc)
                 break  # the rest of the set would fail the same way; the next cycle retries
         if ok:
-            self.counters["sets_sent"] += 1
+            self.counters[f"{kind}_sent"] += 1
             self.counters["frames_sent"] += len(frames)
             if self.consecutive_send_failures:
                 log.info("CAN %s: sending again after %d failed set(s)", self.config.channel,
@@ -135,7 +138,7 @@ class CanPort:
             self.consecutive_send_failures = 0
             return True
         self.consecutive_send_failures += 1
-        if self.consecutive_send_failures == self.config.send_failures_before_fault:
+        if self.consecutive_send_failures == self._failures_before_fault:
             log.error("CAN %s: %d consecutive send failures: reopening the bus", self.config.channel,
                       self.consecutive_send_failures)
             self.close()

@@ -17,13 +17,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import can
+
 from controller.can_port import CanPort
 from controller.core.engine import CoreMemory, step
+from controller.failover import PeerBeat, Role, RoleMachine, WireRole
 from controller.frames import FrameEncoder
+from controller.modbus_server import ConsolidatedModbusServer
 from controller.rack_table import RackTable
-from shared.cluster import ConsolidatedState
-from shared.codec import encode
+from shared.cluster import ConsolidatedState, ControllerStatus, LeaderRecord, RackState
+from shared.codec import DecodeError, Decoder, encode
 from shared.controller_config import ControllerConfig, Dialect
+from shared.dbc import load_dbc
 from shared.mqtt import MqttSession, Will
 from shared.topics import STATUS_OFFLINE, Topics
 
@@ -31,6 +36,9 @@ log = logging.getLogger(__name__)
 
 CONTROL_TICK_S = 0.1  # staleness, ramps and slew advance at this rate even between heartbeats
 SMA_INHIBIT_S = 0.2  # SMA: no ID more often than every 200 ms
+PULSE_S = 0.02  # the role machine's clock: stall detection, takeover timing, heartbeat frames
+STATUS_PUBLISH_S = 1.0
+ID_LIMITS = 0x351
 
 
 @dataclass(slots=True)
@@ -41,6 +49,8 @@ class ControllerStats:
     heartbeat_sets: int = 0
     messages: int = 0
     cycle_errors: int = 0
+    sends_refused: int = 0  # frames the role machine did not let out (standby, fenced)
+    heartbeats_sent: int = 0
 
 
 def fail_safe(previous: ConsolidatedState | None, config: ControllerConfig, wall_s: float) -> ConsolidatedState:
@@ -104,7 +114,15 @@ class ControllerService:
         self.table = RackTable(self.topics, tuple(r.rack_id for r in config.roster), config.site_id,
                                config.max_payload_bytes)
         self.encoder = FrameEncoder(config.can, module_count=len(config.roster))
-        self.can = CanPort(config.can)
+        failover = config.failover
+        self.can = CanPort(config.can, on_frame=self._on_can_frame,
+                           failures_before_fault=failover.send_failures_before_fence if failover.enabled else None)
+        self.roles: RoleMachine | None = RoleMachine(failover, monotonic()) if failover.enabled else None
+        self._beat_msg = load_dbc("bmslink").get_message_by_name("Controller_Heartbeat")
+        self._last_pulse = monotonic()
+        self._next_beat = 0.0
+        self._last_status_publish = -1e9
+        self._last_role: Role | None = None
         self.memory = CoreMemory.initial()
         self.state: ConsolidatedState | None = None
         self.last_sent: ConsolidatedState | None = None
@@ -119,7 +137,12 @@ class ControllerService:
         self.mqtt = MqttSession(config.mqtt, client_id, will=Will(self._status_topic, STATUS_OFFLINE),
                                 receive_queue_size=100_000, on_connected=self._on_mqtt_connected)
         self.mqtt.subscribe(self.topics.all_rack_telemetry, qos=0)
+        self.mqtt.subscribe(self.topics.leader, qos=1)
+        self._leader_decoder: Decoder[LeaderRecord] = Decoder(LeaderRecord)
         self._tasks: list[asyncio.Task[None]] = []
+        self.modbus: ConsolidatedModbusServer | None = (
+            ConsolidatedModbusServer(config.modbus_server) if config.modbus_server.enabled else None
+        )
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -144,7 +167,7 @@ class ControllerService:
     # -- MQTT side ---------------------------------------------------------------------------
 
     def _on_mqtt_connected(self) -> None:
-        self.mqtt.publish(self._status_topic, b"online", qos=1, retain=True)
+        self._publish_status(self._monotonic())
 
     async def _consume(self) -> None:
         queue = self.mqtt.messages
@@ -160,7 +183,51 @@ class ControllerService:
 
     def _ingest(self, topic: str, payload: bytes, received_s: float) -> bool:
         self.stats.messages += 1
+        if topic == self.topics.leader:
+            self._on_leader_record(payload)
+            return False
         return self.table.ingest(topic, payload, received_s).urgent
+
+    def _on_leader_record(self, payload: bytes) -> None:
+        if self.roles is None or not payload:
+            return
+        try:
+            record = self._leader_decoder.decode(payload, self.topics.leader)
+        except DecodeError as exc:
+            log.warning("ignoring leader record: %s", exc)
+            return
+        # Epoch bookkeeping only: MQTT never starts or stops a transmission.
+        self.roles.observe_epoch(record.epoch)
+
+    # -- CAN side (frames from others) -------------------------------------------------------
+
+    def _on_can_frame(self, msg: can.Message, now_s: float) -> None:
+        if self.roles is None:
+            if msg.arbitration_id == ID_LIMITS:
+                self.can.counters["foreign_limits_frames"] += 1
+            return
+        failover = self.config.failover
+        if msg.arbitration_id == failover.heartbeat_id and not msg.is_extended_id:
+            try:
+                v = self._beat_msg.decode(bytes(msg.data), decode_choices=False)
+                beat = PeerBeat(int(v["NodeNumber"]), WireRole(int(v["Role"])), int(v["Rank"]), int(v["Epoch"]),
+                                int(v["FreshRacks"]), int(v["ReleaseTo"]))
+            except (ValueError, KeyError) as exc:
+                self.can.counters["bad_heartbeats"] += 1
+                log.warning("undecodable controller heartbeat %s: %s", bytes(msg.data).hex(), exc)
+                return
+            before = self.roles.role
+            self.roles.on_beat(beat, now_s)
+            self._after_role_input(before)
+        elif msg.arbitration_id == ID_LIMITS:
+            before = self.roles.role
+            self.roles.on_foreign_inverter_frame(now_s)
+            self._after_role_input(before)
+
+    def _after_role_input(self, before: Role) -> None:
+        assert self.roles is not None
+        if self.roles.role is not before:
+            self._role_changed()
 
     # -- the cycle ---------------------------------------------------------------------------
 
@@ -171,6 +238,8 @@ class ControllerService:
         state, self.memory = step(snapshot, self.config, now, self._wall(), self.memory)
         self.state = state
         self.stats.cycles += 1
+        if self.modbus is not None:
+            self.modbus.update(state)
         urgent = must_send_now(self.last_sent, state)
         if heartbeat_due or urgent:
             inhibit = SMA_INHIBIT_S if self.config.can.dialect is Dialect.SMA else 0.0
@@ -178,7 +247,21 @@ class ControllerService:
                 self._send(state, urgent=urgent and not heartbeat_due)
         return state
 
+    def may_transmit(self) -> bool:
+        """Single mode: always. Failover: only the active, and never after an unnoticed stall."""
+        if self.roles is None:
+            return True
+        now = self._monotonic()
+        stalled = now - self._last_pulse
+        if stalled > self.roles.stall_limit_s and self.roles.role is Role.ACTIVE:
+            self.roles.fence(now, f"own loop stalled {stalled * 1000:.0f} ms: re-listening before transmitting")
+            self._role_changed()
+        return self.roles.may_transmit
+
     def _send(self, state: ConsolidatedState, *, urgent: bool) -> None:
+        if not self.may_transmit():
+            self.stats.sends_refused += 1
+            return
         frames = self.encoder.encode(state)
         now = self._monotonic()
         if self.can.send_all(frames):
@@ -191,6 +274,8 @@ class ControllerService:
         self.last_sent = state
         self._last_sent_at = now
         self._next_heartbeat = now + self.config.can.period_ms / 1000.0
+        if self.roles is not None and self.roles.role is Role.ACTIVE and now >= self._next_beat:
+            self._beat(now)  # the set and the heartbeat go out together: a recorder can attribute them
         if now - self._last_state_publish >= self.config.state_publish_period_ms / 1000.0 or urgent:
             self._last_state_publish = now
             self.mqtt.publish(self.topics.cluster_state, encode(state), qos=0, expiry_s=5)
@@ -217,15 +302,107 @@ class ControllerService:
                 if heartbeat_due or self.stats.cycle_errors == 1:
                     self._send(fail_safe(self.state or self.last_sent, self.config, self._wall()), urgent=True)
 
+    # -- failover ----------------------------------------------------------------------------
+
+    def _fresh_racks(self) -> int:
+        state = self.state
+        if state is None:
+            return 0
+        return sum(1 for r in state.racks if r.state is not RackState.STALE)
+
+    def _beat(self, now: float) -> None:
+        roles = self.roles
+        assert roles is not None
+        failover = self.config.failover
+        data = self._beat_msg.encode({
+            "NodeNumber": failover.node_number, "Role": int(roles.wire_role()), "Rank": failover.rank,
+            "Epoch": roles.epoch if roles.role is Role.ACTIVE else roles.epoch_seen,
+            "FreshRacks": min(255, self._fresh_racks()), "ReleaseTo": roles.release_to,
+        }, strict=False)
+        frame = can.Message(arbitration_id=failover.heartbeat_id, data=data, is_extended_id=False)
+        if self.can.send_all([frame], kind="heartbeats"):
+            self.stats.heartbeats_sent += 1
+        period_ms = failover.heartbeat_period_ms if roles.role is Role.ACTIVE else failover.standby_heartbeat_period_ms
+        self._next_beat = now + period_ms / 1000.0
+
+    async def _pulse(self) -> None:
+        """The role machine's clock: stall detection, takeover, heartbeats, handover."""
+        roles = self.roles
+        assert roles is not None
+        self._last_pulse = self._monotonic()
+        while True:
+            await asyncio.sleep(PULSE_S)
+            now = self._monotonic()
+            stalled = now - self._last_pulse - PULSE_S
+            self._last_pulse = now
+            before = roles.role
+            roles.tick(now, stalled_s=stalled, can_healthy=self.can.healthy, fresh_racks=self._fresh_racks(),
+                       min_fresh_racks=self.config.aggregation.min_racks)
+            if roles.role is Role.ACTIVE and roles.release_to:
+                # Orderly handover: the successor starts on this frame, after our last set.
+                self._beat(now)
+                roles.released(now)
+            if roles.role is not before:
+                self._role_changed()
+            if roles.role is not Role.FENCED and now >= self._next_beat:
+                self._beat(now)
+            if now - self._last_status_publish >= STATUS_PUBLISH_S:
+                self._publish_status(now)
+
+    def _role_changed(self) -> None:
+        roles = self.roles
+        assert roles is not None
+        if roles.role is self._last_role:
+            return
+        self._last_role = roles.role
+        log.warning("role %s (epoch %d): %s", roles.role.value, roles.epoch, roles.reason)
+        now = self._monotonic()
+        self._next_beat = now  # announce the new role at once
+        if roles.role is Role.ACTIVE:
+            self.last_sent = None  # the first set after a takeover goes out at once, in full
+            self._next_heartbeat = now
+            self._urgent.set()
+            record = LeaderRecord(site_id=self.config.site_id, node_id=self.config.node_id,
+                                  node_number=self.config.failover.node_number, epoch=roles.epoch,
+                                  timestamp_s=self._wall())
+            expiry = max(1, round(3 * self.config.can.period_ms / 1000.0))
+            self.mqtt.publish(self.topics.leader, encode(record), qos=1, retain=True, expiry_s=expiry)
+        self._publish_status(now)
+
+    def _publish_status(self, now: float) -> None:
+        self._last_status_publish = now
+        roles = self.roles
+        status = ControllerStatus(
+            site_id=self.config.site_id, node_id=self.config.node_id,
+            node_number=self.config.failover.node_number if roles else 0,
+            role=roles.role.value if roles else Role.ACTIVE.value,
+            epoch=roles.epoch if roles else 0,
+            since_active_heard_s=roles.since_active_heard_s(now) if roles else 0.0,
+            active_node_number=(roles.active_peer.node_number if roles and roles.active_peer else 0),
+            last_change_reason=roles.reason if roles else "single controller",
+            last_change_timestamp_s=self._wall() - (now - roles.changed_s) if roles else 0.0,
+            timestamp_s=self._wall(),
+        )
+        self.mqtt.publish(self._status_topic, encode(status), qos=1, retain=True)
+
+    @property
+    def role(self) -> Role:
+        return self.roles.role if self.roles is not None else Role.ACTIVE
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.can.open()
+        self._last_pulse = self._monotonic()
+        if self.modbus is not None:
+            await self.modbus.start()
         await self.mqtt.start()
         self._tasks = [
             asyncio.create_task(self._consume(), name="controller-consume"),
             asyncio.create_task(self._control(), name="controller-control"),
         ]
+        if self.roles is not None:
+            self._tasks.append(asyncio.create_task(self._pulse(), name="controller-pulse"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -234,6 +411,8 @@ class ControllerService:
         self._tasks = []
         await self.mqtt.stop(final=(self._status_topic, STATUS_OFFLINE, True))
         self.can.close()
+        if self.modbus is not None:
+            await self.modbus.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()

@@ -107,3 +107,31 @@ class ConsolidatedState(_Frozen):
     @property
     def alarm_active(self) -> bool:
         return bool(self.alarms.raised()) or self.cluster.not_enough_racks or self.cluster.latched_alarm
+
+
+class ControllerStatus(_Frozen):
+    """Published (msgpack, retained) by every controller on its status topic, for operators."""
+
+    schema_version: tuple[int, int] = (SCHEMA_MAJOR, SCHEMA_MINOR)
+    site_id: Identifier
+    node_id: Identifier
+    node_number: Annotated[int, Field(ge=0, le=255)] = 0
+    role: str
+    epoch: Annotated[int, Field(ge=0)] = 0
+    # Seconds since this node last heard the active (0 when it is the active; None: never).
+    since_active_heard_s: float | None = None
+    active_node_number: Annotated[int, Field(ge=0, le=255)] = 0
+    last_change_reason: str = ""
+    last_change_timestamp_s: float = 0.0
+    timestamp_s: float = 0.0
+
+
+class LeaderRecord(_Frozen):
+    """Retained, with a Message Expiry: who was active at which epoch (advisory; CAN decides)."""
+
+    schema_version: tuple[int, int] = (SCHEMA_MAJOR, SCHEMA_MINOR)
+    site_id: Identifier
+    node_id: Identifier
+    node_number: Annotated[int, Field(ge=0, le=255)] = 0
+    epoch: Annotated[int, Field(ge=0)]
+    timestamp_s: float = 0.0

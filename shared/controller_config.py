@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, model_validator
 
@@ -138,6 +138,34 @@ class ModbusServerConfig(Frozen):
     allowed_clients: tuple[str, ...] = ("127.0.0.1",)
 
 
+class FailoverConfig(Frozen):
+    """Master-role failover between controllers on the same inverter CAN bus (see docs/failover.md).
+
+    The CAN bus is the arbiter: the active sends a heartbeat frame every ``heartbeat_period_ms``; a
+    standby takes over after ``silence_periods`` heartbeat periods of silence (plus a stagger for
+    each better-ranked standby it hears), never because MQTT says so.
+    """
+
+    enabled: bool = False
+    # Unique per controller of a site, 1..254: carried in the heartbeat frame.
+    node_number: Annotated[int, Field(ge=1, le=254)] = 1
+    # 0 = preferred. Distinct ranks make simultaneous starts resolve without overlap.
+    rank: Annotated[int, Field(ge=0, le=15)] = 0
+    heartbeat_id: Annotated[int, Field(ge=0x001, le=0x7FF)] = 0x6E0
+    heartbeat_period_ms: Annotated[int, Field(ge=20, le=1000)] = 100
+    silence_periods: Annotated[int, Field(ge=2, le=50)] = 3
+    stagger_ms: Annotated[int, Field(ge=0, le=5000)] = 150
+    standby_heartbeat_period_ms: Annotated[int, Field(ge=50, le=5000)] = 200
+    # An active with stale telemetry hands over to a standby with fresher data after this long.
+    handover_hold_ms: Annotated[int, Field(ge=0, le=60_000)] = 500
+    # Consecutive failed CAN sends after which the active fences itself and lets a standby take over.
+    send_failures_before_fence: Annotated[int, Field(ge=1, le=100)] = 3
+
+    @property
+    def silence_s(self) -> float:
+        return self.silence_periods * self.heartbeat_period_ms / 1000.0
+
+
 class ControllerConfig(Frozen):
     site_id: Identifier
     node_id: Identifier
@@ -151,13 +179,17 @@ class ControllerConfig(Frozen):
     max_payload_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 64 * 1024
     # Publish the consolidated state on the cluster topic (for monitoring), at most this often.
     state_publish_period_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
-    mode: Literal["single"] = "single"
+    failover: FailoverConfig = FailoverConfig()
 
     @model_validator(mode="after")
     def _roster(self) -> ControllerConfig:
         ids = [r.rack_id for r in self.roster]
         if len(set(ids)) != len(ids):
             raise ValueError(f"roster rack_id values must be unique, got {ids}")
+        inverter_ids = {0x305, 0x306, 0x307, 0x351, 0x355, 0x356, 0x359, 0x35A, 0x35B, 0x35C, 0x35E, 0x35F,
+                        *range(0x370, 0x383)}
+        if self.failover.enabled and self.failover.heartbeat_id in inverter_ids:
+            raise ValueError(f"failover.heartbeat_id {self.failover.heartbeat_id:#x} collides with the inverter frame set")
         if self.aggregation.min_racks > len(ids):
             raise ValueError(f"aggregation.min_racks ({self.aggregation.min_racks}) exceeds the roster size ({len(ids)})")
         return self

@@ -200,13 +200,15 @@ class SimulatedInverter:
     """Listens to one dialect, obeys the limits, records protocol violations of the BMS side."""
 
     def __init__(self, *, dialect: Dialect, heartbeat_timeout_s: float = 60.0,
-                 profile: ChargeProfile | None = None) -> None:
+                 profile: ChargeProfile | None = None, ignore_ids: tuple[int, ...] = ()) -> None:
         if not (math.isfinite(heartbeat_timeout_s) and heartbeat_timeout_s > 0):
             raise ValueError(f"heartbeat_timeout_s must be positive, got {heartbeat_timeout_s}")
         self.dialect = dialect
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.profile = profile or ChargeProfile()
         self.ids: tuple[int, ...] = DIALECT_IDS[dialect]
+        # IDs a site tolerates beside the set (e.g. the controllers' failover heartbeat): counted only.
+        self.ignore_ids = frozenset(ignore_ids)
         self.current_a = 0.0
         self.dropped_frames = 0
         self._decoder = FrameDecoder(dialect)
@@ -354,6 +356,8 @@ class SimulatedInverter:
         now, frame_id = frame.time_s, frame.arbitration_id
         self._frames.append(frame)
         self._count(frame)
+        if frame_id in self.ignore_ids and not frame.is_extended_id:
+            return
         if frame.is_extended_id:
             # Venus OS and Deye ignore 29-bit frames (§0): they are not part of the set.
             self._violate(now, ViolationKind.EXTENDED_ID, f"{frame_id:#010x} sent with a 29-bit ID")

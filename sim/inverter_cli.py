@@ -52,6 +52,9 @@ def add_inverter_parser(subparsers: argparse._SubParsersAction[argparse.Argument
                         help="rewrite a JSON snapshot here every second")
     parser.add_argument("--log-every", type=float, default=0.0, metavar="S",
                         help="print a one-line summary every S seconds (default 0: never)")
+    parser.add_argument("--ignore-id", type=lambda v: int(v, 0), action="append", default=[], metavar="ID",
+                        help="a frame ID tolerated beside the set, e.g. 0x6E0 for the controllers' failover "
+                        "heartbeat (repeat)")
     parser.set_defaults(handler=run_inverter)
 
 
@@ -105,7 +108,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
     if args.log_every < 0:
         return _fail(f"--log-every must be >= 0 (got {args.log_every})", EXIT_USAGE)
     inverter = SimulatedInverter(dialect=Dialect(args.dialect), heartbeat_timeout_s=args.heartbeat_timeout,
-                                 profile=profile)
+                                 profile=profile, ignore_ids=tuple(args.ignore_id))
     try:
         await inverter.start(interface=args.interface, channel=args.channel)
     except InverterStartError as exc:

@@ -31,6 +31,7 @@ loses samples as they leave the window.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,7 +47,8 @@ MIN_TIME_SPREAD_S2 = 1e-6
 class DerateMemory:
     """What the derates of one rack carry between cycles."""
 
-    samples: tuple[tuple[float, float], ...] = ()  # (received_s, temperature_max_c), oldest first
+    # (received_s, temperature_max_c), times strictly increasing (a sample is only appended when newer).
+    samples: tuple[tuple[float, float], ...] = ()
     thermal_held_c: float | None = None
     charge_cell_held_v: float | None = None
     discharge_cell_held_v: float | None = None
@@ -63,16 +65,25 @@ class Derate:
 
 
 def slope_per_s(samples: Sequence[tuple[float, float]]) -> float:
-    """Least-squares slope of (t, value) samples; 0 when the times do not spread."""
+    """Least-squares slope of (t, value) samples; 0 when the times do not spread.
+
+    Two passes (means first, then centred sums): the time values are large (monotonic
+    seconds), so running sums of t² would cancel. Written with lists and ``map`` for speed;
+    every sum adds the same terms in the same order as the plain formula, so the result is
+    bit for bit the same.
+    """
     n = len(samples)
     if n < 2:
         return 0.0
-    t_mean = sum(t for t, _ in samples) / n
-    v_mean = sum(v for _, v in samples) / n
-    spread = sum((t - t_mean) ** 2 for t, _ in samples)
+    times = [t for t, _ in samples]
+    values = [v for _, v in samples]
+    t_mean = sum(times) / n
+    v_mean = sum(values) / n
+    t_dev = [t - t_mean for t in times]
+    spread = sum([d**2 for d in t_dev])
     if spread < MIN_TIME_SPREAD_S2:
         return 0.0
-    return sum((t - t_mean) * (v - v_mean) for t, v in samples) / spread
+    return sum(map(operator.mul, t_dev, [v - v_mean for v in values])) / spread
 
 
 def derate_rack(
@@ -108,6 +119,8 @@ Samples = tuple[tuple[float, float], ...]
 
 def _window(samples: Samples, now_s: float, window_s: float) -> Samples:
     oldest_s = now_s - window_s
+    if not samples or samples[0][0] >= oldest_s:
+        return samples  # oldest first (times strictly increase): nothing has left the window
     return tuple(s for s in samples if s[0] >= oldest_s)
 
 

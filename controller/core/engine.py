@@ -38,9 +38,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from controller.core.admission import Admission, admit, quorum_shortfall
+from controller.core.admission import Admission, admit, fully_admitted, quorum_shortfall
 from controller.core.bounds import amps_down, current_down_da, voltage_limits_dv
-from controller.core.classify import Reading, classify, read_rack
+from controller.core.classify import Reading, classify, read_rack, stale_after_s
 from controller.core.derates import Derate, DerateMemory, derate_rack
 from controller.core.faults import Block, Direction, Latch, blocks, direction_of, latched_flags, update_latches
 from controller.core.policies import Member, Pick, Population, table
@@ -87,6 +87,9 @@ class CoreMemory:
     last_pack_voltage_v: float | None = None
     last_dvl_v: float | None = None
     racks: Mapping[str, RackMemory] = field(default_factory=_no_racks)
+    # Last cycle's per-rack outcomes, reused for racks whose inputs did not change (see
+    # ``_reusable``). Derived data only: never compared, so a memory with or without it is equal.
+    cache: StepCache | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def initial(cls) -> CoreMemory:
@@ -142,6 +145,82 @@ def _rack_cycle(
         )
     memory = RackMemory(ok_since_s=admission.ok_since_s, latches=latches, derate=derate_memory)
     return _Rack(roster_rack.rack_id, reading, state, state_reason, admission, derate, member, memory)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One rack's outcome of a cycle, and what it takes for the next cycle to reuse it.
+
+    ``given`` is the snapshot's own ``RackInput`` object (None: the rack was absent); inputs are
+    immutable, so the same object means the same input. ``fresh_received_s`` is set when the
+    rack was judged fresh on telemetry of that age, ``ok_since_s`` when it had its full share:
+    both are re-checked against ``now_s`` with the arithmetic of ``read_rack`` and ``admit``.
+    """
+
+    given: RackInput | None
+    rack: _Rack
+    view: RackView
+    charge_blocks: tuple[Block, ...]
+    discharge_blocks: tuple[Block, ...]
+    reusable: bool  # False when the outcome moves with time alone (a stale age, a hold, a ramp)
+    fresh_received_s: float | None = None
+    stale_limit_s: float = 0.0
+    ok_since_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepCache:
+    """Per-rack outcomes of one cycle, valid for the same ``config`` object and clear command."""
+
+    config: ControllerConfig
+    clear_command_s: float | None
+    entries: Mapping[str, _Entry]
+
+
+def _entry(rack: _Rack, given: RackInput | None, roster_rack: RosterRack, agg: AggregationConfig) -> _Entry:
+    latches = ((rack.rack_id, rack.memory.latches),) if rack.memory.latches else ()
+    charge_blocks = blocks(latches, Direction.CHARGE)
+    discharge_blocks = blocks(latches, Direction.DISCHARGE)
+    view = _view(rack, charge_blocks, discharge_blocks, blocks(latches, Direction.REPORT))
+    telemetry = given.telemetry if given is not None else None
+    received_s = given.received_s if given is not None else None
+    fresh_received_s = None
+    stale_limit_s = 0.0
+    reusable = True
+    if telemetry is not None and received_s is not None:
+        if rack.reading.link_state is RackState.STALE:
+            reusable = False  # its reason carries the age
+        else:
+            fresh_received_s, stale_limit_s = received_s, stale_after_s(roster_rack, telemetry)
+    ok_since_s = None
+    if rack.state is RackState.OK:
+        a = rack.admission
+        if a.eligible and a.share == 1.0 and not a.note and a.ok_since_s is not None:
+            ok_since_s = a.ok_since_s
+        else:
+            reusable = False  # in its hold or ramp: share and note move with time
+    return _Entry(given, rack, view, charge_blocks, discharge_blocks, reusable, fresh_received_s,
+                  stale_limit_s, ok_since_s)
+
+
+def _reusable(entry: _Entry, previous: RackMemory | None, now_s: float, agg: AggregationConfig) -> bool:
+    """Whether ``_rack_cycle`` at ``now_s`` would give ``entry.rack`` again (same input assumed).
+
+    It would when the rack's memory is the one that outcome produced and no time threshold was
+    crossed since: every step of the rack cycle is then idempotent (latches, the play operators,
+    the admission of a fully admitted rack). Checked: staleness, full admission, and that no
+    thermal sample has left the window (which would move the slope).
+    """
+    if not entry.reusable or entry.rack.memory is not previous:
+        return False
+    if entry.fresh_received_s is not None and max(0.0, now_s - entry.fresh_received_s) > entry.stale_limit_s:
+        return False
+    if entry.ok_since_s is not None and not fully_admitted(
+        entry.ok_since_s, now_s, agg.readmit_hold_s, agg.readmit_ramp_s
+    ):
+        return False
+    samples = entry.rack.memory.derate.samples
+    return not samples or samples[0][0] >= now_s - agg.thermal_derate.window_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,17 +351,27 @@ def step(
     elapsed_s = 0.0 if memory.last_now_s is None else max(0.0, now_s - memory.last_now_s)
     roster_ids = {r.rack_id for r in config.roster}
 
-    racks = [
-        _rack_cycle(
-            roster_rack=rr,
-            rack_input=snapshot.racks.get(rr.rack_id) or RackInput(rr.rack_id),
-            snapshot=snapshot,
-            config=config,
-            now_s=now_s,
-            previous=memory.racks.get(rr.rack_id) or RackMemory(),
-        )
-        for rr in config.roster
-    ]
+    cache = memory.cache
+    reuse = cache is not None and cache.config is config and cache.clear_command_s == snapshot.clear_command_s
+    previous_entries = cache.entries if cache is not None and reuse else {}
+    entries: dict[str, _Entry] = {}
+    for rr in config.roster:
+        rack_id = rr.rack_id
+        given = snapshot.racks.get(rack_id)
+        previous = memory.racks.get(rack_id)
+        entry = previous_entries.get(rack_id)
+        if entry is None or entry.given is not given or not _reusable(entry, previous, now_s, agg):
+            rack = _rack_cycle(
+                roster_rack=rr,
+                rack_input=given or RackInput(rack_id),
+                snapshot=snapshot,
+                config=config,
+                now_s=now_s,
+                previous=previous or RackMemory(),
+            )
+            entry = _entry(rack, given, rr, agg)
+        entries[rack_id] = entry
+    racks = [e.rack for e in entries.values()]
     populations: dict[Population, list[Member]] = {
         Population.PARALLEL: [r.member for r in racks if r.state is RackState.OK and r.member is not None],
         Population.REPORTING: [r.member for r in racks if r.member is not None],
@@ -290,9 +379,10 @@ def step(
     picks = {name: rule.combine(populations[rule.population]) for name, rule in table(agg).items()}
     eligible = sum(1 for r in racks if r.admission.eligible)
 
-    latches_by_rack = [(r.rack_id, r.memory.latches) for r in racks]
-    charge_blocks = blocks(latches_by_rack, Direction.CHARGE)
-    discharge_blocks = blocks(latches_by_rack, Direction.DISCHARGE)
+    # Racks with nothing latched add nothing to the blocks nor to the latched set.
+    latches_by_rack = [(r.rack_id, r.memory.latches) for r in racks if r.memory.latches]
+    charge_blocks = tuple(b for e in entries.values() for b in e.charge_blocks)
+    discharge_blocks = tuple(b for e in entries.values() for b in e.discharge_blocks)
     shortfall = quorum_shortfall(eligible, agg.min_racks)
     quorum_reasons = [shortfall] if shortfall else []
 
@@ -327,8 +417,7 @@ def step(
     unknown = tuple(
         dict.fromkeys((*snapshot.unknown_racks, *sorted(k for k in snapshot.racks if k not in roster_ids)))
     )
-    report_blocks = blocks(latches_by_rack, Direction.REPORT)
-    views = tuple(_view(r, charge_blocks, discharge_blocks, report_blocks) for r in racks)
+    views = tuple(e.view for e in entries.values())
 
     def place(name: str) -> str:
         pick = picks[name]
@@ -381,6 +470,7 @@ def step(
         last_pack_voltage_v=pack_voltage_v,
         last_dvl_v=volts.dvl_from_racks_v if volts.dvl_from_racks_v is not None else memory.last_dvl_v,
         racks=MappingProxyType({r.rack_id: r.memory for r in racks}),
+        cache=StepCache(config, snapshot.clear_command_s, MappingProxyType(entries)),
     )
     return state, next_memory
 
@@ -395,6 +485,7 @@ def _view(
     discharge_blocks: tuple[Block, ...],
     report_blocks: tuple[Block, ...],
 ) -> RackView:
+    """The rack's line in the consolidated state; the blocks are this rack's own."""
     in_parallel = rack.state is RackState.OK and rack.member is not None
     member = rack.member if in_parallel else None
     return RackView(
@@ -407,9 +498,9 @@ def _view(
         reason=rack_reason(
             rack.state_reason,
             admission_note=rack.admission.note,
-            charge_blocks=[b for b in charge_blocks if b.rack_id == rack.rack_id],
-            discharge_blocks=[b for b in discharge_blocks if b.rack_id == rack.rack_id],
-            reported=[b for b in report_blocks if b.rack_id == rack.rack_id],
+            charge_blocks=charge_blocks,
+            discharge_blocks=discharge_blocks,
+            reported=report_blocks,
             charge_notes=rack.derate.charge_notes if member else (),
             discharge_notes=rack.derate.discharge_notes if member else (),
         ),

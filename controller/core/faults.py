@@ -97,6 +97,18 @@ def latch_label(latch: Latch) -> str:
     return "active" if latch.active else "latched"
 
 
+NO_LATCHES: Final[Mapping[str, Latch]] = MappingProxyType({})
+
+
+def raised_names(flags: ProtectionFlags) -> tuple[str, ...]:
+    """``flags.raised()`` without pydantic's iteration protocol (about 5× faster, on the hot path).
+
+    A frozen ``extra="forbid"`` model keeps exactly its fields, in declaration order, in
+    ``__dict__``; ``tests/controller/core/test_cache.py`` checks the two agree on every flag set.
+    """
+    return tuple(name for name, value in flags.__dict__.items() if value)
+
+
 def update_latches(
     previous: Mapping[str, Latch],
     alarms: ProtectionFlags | None,
@@ -108,10 +120,13 @@ def update_latches(
     ``alarms`` is the reporting telemetry's alarm set (None when the rack is not reporting:
     latches then neither rise nor clear) and ``observed_s`` the time that payload arrived.
     """
+    raised_now = frozenset(raised_names(alarms)) if alarms is not None else frozenset()
+    if not previous and not raised_now:
+        return NO_LATCHES  # the usual case: nothing latched, nothing raised
     result: dict[str, Latch] = {}
     for flag in PROTECTION_FLAG_NAMES:
         latch = previous.get(flag)
-        raised = alarms is not None and bool(getattr(alarms, flag))
+        raised = flag in raised_now
         if raised:
             latch = Latch(raised_s=observed_s if latch is None or not latch.active else latch.raised_s)
         elif latch is not None and alarms is not None and latch.active:

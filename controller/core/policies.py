@@ -50,6 +50,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Final
 
+from controller.core.faults import raised_names
 from shared.controller_config import AggregationConfig, CurrentPolicy
 from shared.models import ProtectionFlags, RackMeasurements
 
@@ -253,7 +254,7 @@ def capacity_weighted(number: Number) -> Combine:
 
 def any_of(flags: Callable[[RackMeasurements], ProtectionFlags]) -> Combine:
     def combine(members: Sequence[Member]) -> Pick | None:
-        raised = {name for m in members for name in flags(m.measurements).raised()}
+        raised = {name for m in members for name in raised_names(flags(m.measurements))}
         return Pick(flags=ProtectionFlags(**dict.fromkeys(raised, True)))
 
     return combine

@@ -183,3 +183,30 @@ def test_must_send_now_only_for_decreases_and_new_alarms() -> None:
     assert must_send_now(base, base.model_copy(update={"charge_current_limit_a": 90.0}))
     assert must_send_now(base, base.model_copy(update={"discharge_voltage_limit_v": 47.0}))
     assert must_send_now(base, base.model_copy(update={"cluster": ClusterFlags(not_enough_racks=True)}))
+
+
+async def test_optional_modbus_view_serves_the_consolidated_state(mqtt_broker: MosquittoBroker,
+                                                                   unique_topic_prefix: str) -> None:
+    from pymodbus.client import AsyncModbusTcpClient
+
+    port = free_port()
+    cfg = config(mqtt_broker, unique_topic_prefix, f"inv-{free_port()}").model_copy(
+        update={"modbus_server": {"enabled": True, "host": "127.0.0.1", "port": port}})
+    cfg = ControllerConfig.model_validate(cfg.model_dump())
+    svc = ControllerService(cfg)
+    await svc.start()
+    client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=1, retries=0)
+    try:
+        await wait_until(lambda: svc.state is not None, 3.0, "a first cycle")
+        assert await client.connect()
+        rr = await client.read_holding_registers(40000, count=2, device_id=1)
+        assert not rr.isError() and rr.registers == [0x5375, 0x6E53]
+    finally:
+        client.close()
+        await svc.stop()
+    assert svc.modbus is not None and svc.modbus.counters["reads"] >= 1
+
+
+async def test_modbus_view_is_off_by_default(mqtt_broker: MosquittoBroker, unique_topic_prefix: str) -> None:
+    svc = ControllerService(config(mqtt_broker, unique_topic_prefix, "x"))
+    assert svc.modbus is None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,17 @@ class Sample:
     values: dict[str, float]
 
 
+CONTROLLER_HEARTBEAT_ID = 0x6E0
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    t: float
+    node: int
+    role: int  # 1 active, 2 standby, 3 releasing
+    epoch: int
+
+
 @dataclass
 class Recorder:
     """Every frame on the inverter bus, decoded, with the time this process received it."""
@@ -41,12 +52,17 @@ class Recorder:
     dialect: Dialect = Dialect.PYLON
     samples: list[Sample] = field(default_factory=list)
     foreign: list[int] = field(default_factory=list)
+    beats: list[Beat] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._decoder = FrameDecoder(self.dialect)
 
     def __call__(self, msg: can.Message) -> None:
         if msg.is_error_frame:
+            return
+        if msg.arbitration_id == CONTROLLER_HEARTBEAT_ID:
+            d = msg.data
+            self.beats.append(Beat(time.monotonic(), d[0], d[1] & 0x0F, int.from_bytes(d[2:6], "little")))
             return
         if not self._decoder.knows(msg.arbitration_id):
             self.foreign.append(msg.arbitration_id)
@@ -71,6 +87,24 @@ class Recorder:
     def dcl(self) -> float:
         v = self.last(0x351)
         return -1.0 if v is None else v["DischargeCurrentLimit"]
+
+    def active_beats(self, since: float = 0.0) -> list[Beat]:
+        return [b for b in self.beats if b.role in (1, 3) and b.t >= since]
+
+    def active_node(self) -> int | None:
+        beats = self.active_beats()
+        return beats[-1].node if beats else None
+
+    def overlaps(self, window_s: float, since: float = 0.0) -> list[tuple[Beat, Beat]]:
+        """Pairs of active beats from two nodes closer than ``window_s``: two transmitters at once.
+
+        A releasing beat (role 3) is the old active's last frame in an orderly handover: the successor
+        starting right after it is the handover working, not an overlap. Any frame of the old node
+        after the successor's first is one.
+        """
+        beats = self.active_beats(since)
+        return [(a, b) for a, b in zip(beats, beats[1:], strict=False)
+                if a.node != b.node and b.t - a.t < window_s and a.role != 3]
 
     def max_gap(self, since: float = 0.0) -> float:
         times = [t for t, *_ in self.limits(since)]
@@ -107,7 +141,7 @@ profile = "acme_flat"
 
 CONTROLLER_TOML = """\
 site_id = "site-e"
-node_id = "ctl-a"
+node_id = "{node}"
 
 [mqtt]
 host = "127.0.0.1"
@@ -133,6 +167,7 @@ ramp_up_a_per_s = {ramp_rate}
 window_s = 5
 horizon_s = 10
 
+{failover}
 {roster}
 """
 
@@ -149,6 +184,8 @@ class Chain:
     ramp_s: float = 1.0
     ramp_rate: float = 200.0
     sim_configs: dict[int, SimRackConfig] = field(default_factory=dict)
+    controllers: int = 1
+    failover: bool = False
     sims: list[SimulatedBms] = field(default_factory=list)
     recorder: Recorder = field(default_factory=Recorder)
     bridge: CanBridge | None = None
@@ -158,9 +195,13 @@ class Chain:
     def rack_id(self, i: int) -> str:
         return f"rack-{i + 1:02d}"
 
-    async def start(self, *, wait_ready: bool = True) -> None:
+    async def start(self, *, wait_ready: bool = True,
+                    prepare: Callable[[Chain], Awaitable[None]] | None = None) -> None:
+        """Start everything; ``prepare`` runs once the CAN bridge is up, before any controller."""
         self.bridge = CanBridge(self.tmp / "can")
         await asyncio.to_thread(self.bridge.start)
+        if prepare is not None:
+            await prepare(self)
         self._bus = can.Bus(interface="remote", channel=self.bridge.channel)
         self._notifier = can.Notifier(self._bus, [self.recorder], loop=asyncio.get_running_loop())
         for i in range(self.racks):
@@ -173,20 +214,37 @@ class Chain:
             cfg.write_text(AGENT_TOML.format(rack=self.rack_id(i), broker=self.broker.port, prefix=self.prefix,
                                              interval=AGENT_INTERVAL_MS, bms=port))
             self.procs.start(f"agent-{i}", bmslink_cli("agent", "--config", str(cfg)))
-        roster = "\n".join(f'[[roster]]\nrack_id = "{self.rack_id(i)}"\ncapacity_ah = 280\nstale_after_ms = '
-                           f'{STALE_AFTER_MS}\n' for i in range(self.racks))
-        ctl = self.tmp / "controller.toml"
-        ctl.write_text(CONTROLLER_TOML.format(broker=self.broker.port, prefix=self.prefix, can=self.bridge.channel,
-                                              heartbeat=HEARTBEAT_MS, min_racks=self.min_racks, hold=self.hold_s,
-                                              ramp=self.ramp_s, ramp_rate=self.ramp_rate, roster=roster))
-        self.procs.start("controller", bmslink_cli("controller", "--config", str(ctl)))
+        if self.controllers == 1 and not self.failover:
+            self.start_controller("controller")
+        else:
+            for k in range(self.controllers):
+                self.start_controller(f"ctl-{k + 1}", node_number=k + 1, rank=k)
         self.status_file = self.tmp / "inverter.json"
         self.procs.start("inverter", bmslink_cli("sim", "inverter", "--interface", "remote", "--channel",
                                                  self.bridge.channel, "--dialect", "pylon", "--heartbeat-timeout",
-                                                 "2", "--status-file", str(self.status_file)))
+                                                 "2", "--ignore-id", "0x6E0", "--status-file", str(self.status_file)))
         if wait_ready:
             await self.wait_for(lambda: self.recorder.ccl() > 0 or self.recorder.dcl() > 0, 20.0,
                                 "the inverter to be granted current")
+
+    def controller_config(self, name: str, *, node_number: int = 1, rank: int = 0, can_channel: str | None = None,
+                          mqtt_port: int | None = None) -> Path:
+        assert self.bridge is not None
+        roster = "\n".join(f'[[roster]]\nrack_id = "{self.rack_id(i)}"\ncapacity_ah = 280\nstale_after_ms = '
+                           f'{STALE_AFTER_MS}\n' for i in range(self.racks))
+        failover = ""
+        if self.failover:
+            failover = (f"[failover]\nenabled = true\nnode_number = {node_number}\nrank = {rank}\n"
+                        f"heartbeat_period_ms = 100\n")
+        path = self.tmp / f"{name}.toml"
+        path.write_text(CONTROLLER_TOML.format(
+            node=name, broker=mqtt_port or self.broker.port, prefix=self.prefix, can=can_channel or self.bridge.channel,
+            heartbeat=HEARTBEAT_MS, min_racks=self.min_racks, hold=self.hold_s, ramp=self.ramp_s,
+            ramp_rate=self.ramp_rate, roster=roster, failover=failover))
+        return path
+
+    def start_controller(self, name: str, **kwargs: Any) -> None:
+        self.procs.start(name, bmslink_cli("controller", "--config", str(self.controller_config(name, **kwargs))))
 
     def inverter(self) -> dict[str, Any]:
         try:
