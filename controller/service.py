@@ -117,6 +117,9 @@ class ControllerService:
         failover = config.failover
         self.can = CanPort(config.can, on_frame=self._on_can_frame,
                            failures_before_fault=failover.send_failures_before_fence if failover.enabled else None)
+        if not failover.heartbeat_enabled:
+            # Without our heartbeat the limits frames are the only sign of an active: time by them.
+            failover = failover.model_copy(update={"heartbeat_period_ms": config.can.period_ms})
         self.roles: RoleMachine | None = RoleMachine(failover, monotonic()) if failover.enabled else None
         self._beat_msg = load_dbc("bmslink").get_message_by_name("Controller_Heartbeat")
         self._last_pulse = monotonic()
@@ -314,6 +317,8 @@ class ControllerService:
         roles = self.roles
         assert roles is not None
         failover = self.config.failover
+        if not failover.heartbeat_enabled:
+            return
         data = self._beat_msg.encode({
             "NodeNumber": failover.node_number, "Role": int(roles.wire_role()), "Rank": failover.rank,
             "Epoch": roles.epoch if roles.role is Role.ACTIVE else roles.epoch_seen,

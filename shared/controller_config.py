@@ -151,6 +151,9 @@ class FailoverConfig(Frozen):
     node_number: Annotated[int, Field(ge=1, le=254)] = 1
     # 0 = preferred. Distinct ranks make simultaneous starts resolve without overlap.
     rank: Annotated[int, Field(ge=0, le=15)] = 0
+    # Off for an inverter that objects to unknown IDs: detection then relies on the limits frames
+    # (silence = silence_periods × can.period_ms) and the orderly handover is unavailable.
+    heartbeat_enabled: bool = True
     heartbeat_id: Annotated[int, Field(ge=0x001, le=0x7FF)] = 0x6E0
     heartbeat_period_ms: Annotated[int, Field(ge=20, le=1000)] = 100
     silence_periods: Annotated[int, Field(ge=2, le=50)] = 3
