@@ -263,7 +263,9 @@ class ControllerService:
 
     def _send(self, state: ConsolidatedState, *, urgent: bool) -> None:
         if not self.may_transmit():
+            # Not ours to send (standby, fenced): keep the cadence, so the loop waits instead of spinning.
             self.stats.sends_refused += 1
+            self._next_heartbeat = self._monotonic() + self.config.can.period_ms / 1000.0
             return
         frames = self.encoder.encode(state)
         now = self._monotonic()
