@@ -1,5 +1,10 @@
 """``bmslink demo``: the whole chain on one machine, as separate processes.
 
+Two controllers run with failover: press ``k`` (on a terminal) to kill the active one and watch the
+standby take over; a ``--scenario`` file scripts rack events (handed to the simulator) and site
+events handled here: ``kill_active``, ``restart_controller``, ``restart_broker`` (see
+``sim/scenarios/demo.toml``).
+
 A Mosquitto broker on a free loopback port, a CAN bus shared between processes
 (the python-can-remote bridge on 127.0.0.1), simulated rack BMSs (Modbus TCP on
 127.0.0.1), one agent per rack, the controller, the simulated inverter, and a
@@ -11,10 +16,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
 import tempfile
+import time
+import tomllib
 from pathlib import Path
 
 from bmslink.monitor import run_monitor
@@ -53,7 +63,30 @@ profile = "{profile}"
 """
 
 
-def controller_toml(racks: int, broker_port: int, can_port: int, node: str = "ctl-a") -> str:
+SITE_ACTIONS = ("kill_active", "restart_controller", "restart_broker")
+CONTROLLERS = (("ctl-a", 1, 0), ("ctl-b", 2, 1))  # name, node number, rank
+
+
+def split_scenario(path: Path, run_dir: Path) -> tuple[Path | None, list[tuple[float, str]]]:
+    """Site events stay here; rack events go to a file for the simulator."""
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    events = data.get("events", [])
+    site = sorted((float(e["at_s"]), str(e["action"])) for e in events if e.get("action") in SITE_ACTIONS)
+    rack = [e for e in events if e.get("action") not in SITE_ACTIONS]
+    if not rack:
+        return None, site
+    lines = [f"description = {json.dumps(str(data.get('description', 'demo')))}", ""]
+    for e in rack:
+        lines.append("[[events]]")
+        lines.extend(f"{k} = {json.dumps(v)}" for k, v in e.items())
+        lines.append("")
+    out = run_dir / "sim-scenario.toml"
+    out.write_text("\n".join(lines), encoding="utf-8")
+    return out, site
+
+
+def controller_toml(racks: int, broker_port: int, can_port: int, node: str = "ctl-a", node_number: int = 1,
+                    rank: int = 0) -> str:
     roster = "\n".join(
         f'[[roster]]\nrack_id = "rack-{i + 1:02d}"\ncapacity_ah = 280\n' for i in range(racks)
     )
@@ -76,6 +109,11 @@ min_racks = 1
 readmit_hold_s = 3
 readmit_ramp_s = 5
 ramp_up_a_per_s = 20
+
+[failover]
+enabled = true
+node_number = {node_number}
+rank = {rank}
 
 {roster}"""
 
@@ -116,25 +154,152 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
             bms_port = free_port()
             sim_argv = [*bmslink, "sim", "bms", "--racks", str(args.racks), "--transport", "tcp",
                         "--host", "127.0.0.1", "--port", str(bms_port), "--current", "40"]
+            site_events: list[tuple[float, str]] = []
             if args.scenario is not None:
-                sim_argv += ["--scenario", str(args.scenario)]
+                sim_scenario, site_events = split_scenario(args.scenario, run_dir)
+                if sim_scenario is not None:
+                    sim_argv += ["--scenario", str(sim_scenario)]
             await sup.start("sim", sim_argv)
             await sup.wait_for_line("sim", f"sim rack {args.racks - 1} ready", 15.0)
             for i in range(args.racks):
                 cfg = run_dir / f"agent-{i + 1:02d}.toml"
                 cfg.write_text(agent_toml(i, broker_port, bms_port + i))
                 await sup.start(f"agent-{i + 1:02d}", [*bmslink, "agent", "--config", str(cfg)])
-            ctl_cfg = run_dir / "controller.toml"
-            ctl_cfg.write_text(controller_toml(args.racks, broker_port, can_port))
-            await sup.start("controller", [*bmslink, "controller", "--config", str(ctl_cfg)])
+            for name, number, rank in CONTROLLERS:
+                cfg_path = run_dir / f"{name}.toml"
+                cfg_path.write_text(controller_toml(args.racks, broker_port, can_port, name, number, rank))
+                await sup.start(name, [*bmslink, "controller", "--config", str(cfg_path)])
             status_file = run_dir / "inverter.json"
             await sup.start("inverter", [*bmslink, "sim", "inverter", "--interface", "remote",
                                          "--channel", f"127.0.0.1:{can_port}", "--dialect", "pylon",
-                                         "--status-file", str(status_file)])
+                                         "--ignore-id", "0x6E0", "--status-file", str(status_file)])
+            view_events: list[str] = []
+            site = SiteControl(sup, run_dir, bmslink, broker_conf=conf, broker_port=broker_port, log=view_events)
+            tasks = [asyncio.create_task(site.run_events(site_events), name="demo-site-events")]
+            keyboard = KeyboardKill(site)
+            keyboard.start()
             if args.duration is not None:
                 asyncio.get_running_loop().call_later(args.duration, stop.set)
             mqtt = MqttConfig(host="127.0.0.1", port=broker_port)
-            await run_monitor(mqtt, SITE_ID, stop, inverter_status=lambda: read_inverter_status(status_file))
+            try:
+                await run_monitor(mqtt, SITE_ID, stop,
+                                  inverter_status=lambda: "\n".join([read_inverter_status(status_file),
+                                                                     *view_events[-3:]]))
+            finally:
+                keyboard.stop()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             await sup.stop_all()
     return 0
+
+
+class SiteControl:
+    """Site events of the demo: kill the active controller, restart a controller or the broker."""
+
+    def __init__(self, sup: Supervisor, run_dir: Path, bmslink: list[str], *, broker_conf: Path,
+                 broker_port: int, log: list[str]) -> None:
+        self.sup = sup
+        self.run_dir = run_dir
+        self.bmslink = bmslink
+        self.broker_conf = broker_conf
+        self.broker_port = broker_port
+        self.log = log
+
+    def active_controller(self) -> str | None:
+        """The controller whose log says it became active last (the demo reads its own children)."""
+        latest: tuple[float, str] | None = None
+        for name, _number, _rank in CONTROLLERS:
+            proc = self.sup.procs.get(name)
+            if proc is None or proc.returncode is not None:
+                continue
+            text = (self.run_dir / f"{name}.log").read_text(errors="replace")
+            active_at = text.rfind("role active")
+            other_at = max(text.rfind("role standby"), text.rfind("role fenced"))
+            if active_at > other_at:
+                mtime = (self.run_dir / f"{name}.log").stat().st_mtime
+                if latest is None or mtime > latest[0]:
+                    latest = (mtime, name)
+        return None if latest is None else latest[1]
+
+    async def kill_active(self) -> None:
+        name = self.active_controller()
+        if name is None:
+            self.log.append("kill: no active controller found")
+            return
+        proc = self.sup.procs[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        self.log.append(f"{time.strftime('%H:%M:%S')} killed the active controller {name}; restarting it in 5 s")
+        await asyncio.sleep(5.0)
+        await self.restart_controller(name)
+
+    async def restart_controller(self, name: str | None = None) -> None:
+        for cname, _number, _rank in CONTROLLERS:
+            proc = self.sup.procs.get(cname)
+            if (name is None and (proc is None or proc.returncode is not None)) or cname == name:
+                await self.sup.start(cname, [*self.bmslink, "controller", "--config",
+                                             str(self.run_dir / f"{cname}.toml")])
+                self.log.append(f"{time.strftime('%H:%M:%S')} restarted {cname}: it joins as standby")
+
+    async def restart_broker(self) -> None:
+        proc = self.sup.procs["mosquitto"]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        self.log.append(f"{time.strftime('%H:%M:%S')} broker killed; back in 3 s")
+        await asyncio.sleep(3.0)
+        await self.sup.start("mosquitto", [find_mosquitto(), "-c", str(self.broker_conf)])
+        self.log.append(f"{time.strftime('%H:%M:%S')} broker restarted")
+
+    async def run_events(self, events: list[tuple[float, str]]) -> None:
+        started = time.monotonic()
+        for at_s, action in events:
+            await asyncio.sleep(max(0.0, started + at_s - time.monotonic()))
+            if action == "kill_active":
+                await self.kill_active()
+            elif action == "restart_controller":
+                await self.restart_controller()
+            elif action == "restart_broker":
+                await self.restart_broker()
+
+
+class KeyboardKill:
+    """On a terminal, ``k`` kills the active controller (the standby takes over)."""
+
+    def __init__(self, site: SiteControl) -> None:
+        self.site = site
+        self._saved: list[object] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        if not sys.stdin.isatty():
+            return
+        import termios  # noqa: PLC0415 - POSIX terminals only
+        import tty  # noqa: PLC0415
+
+        fd = sys.stdin.fileno()
+        self._saved = termios.tcgetattr(fd)
+        tty.setcbreak(fd)
+        asyncio.get_running_loop().add_reader(fd, self._key)
+        self.site.log.append("press k to kill the active controller")
+
+    def _key(self) -> None:
+        if os.read(sys.stdin.fileno(), 1).lower() == b"k":
+            task = asyncio.create_task(self.site.kill_active(), name="demo-kill-active")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._saved is None:
+            return
+        import termios  # noqa: PLC0415
+
+        fd = sys.stdin.fileno()
+        asyncio.get_running_loop().remove_reader(fd)
+        termios.tcsetattr(fd, termios.TCSADRAIN, self._saved)  # type: ignore[arg-type]
+        self._saved = None

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.console import Group
 from rich.panel import Panel
 
-from shared.cluster import ConsolidatedState
+from shared.cluster import ConsolidatedState, ControllerStatus
 from shared.codec import DecodeError, Decoder, telemetry_decoder
 from shared.config import MqttConfig
 from shared.mqtt import MqttSession
@@ -38,8 +38,23 @@ class TelemetryView:
         self.cluster: ConsolidatedState | None = None
         self.cluster_at = 0.0
         self.inverter_status: str = ""
+        self.controller_decoder: Decoder[ControllerStatus] = Decoder(ControllerStatus)
+        self.controllers: dict[str, str] = {}
 
     def feed(self, topic: str, payload: bytes, now_s: float) -> None:
+        if topic.startswith(self.topics.controller_status("")[:-len("/status")]) and topic.endswith("/status"):
+            node = topic.split("/")[-2]
+            if payload == b"offline" or not payload:
+                self.controllers[node] = "offline"
+                return
+            try:
+                st = self.controller_decoder.decode(payload, topic)
+            except DecodeError:
+                return
+            heard = "" if st.since_active_heard_s is None or st.role == "active" else \
+                f", heard active {st.since_active_heard_s:.1f} s ago"
+            self.controllers[node] = f"{st.role} (epoch {st.epoch}{heard}): {st.last_change_reason}"
+            return
         if topic == self.topics.cluster_state:
             try:
                 self.cluster = self.cluster_decoder.decode(payload, topic)
@@ -106,6 +121,9 @@ class TelemetryView:
                 + ("  unknown racks: " + ", ".join(c.unknown_racks) if c.unknown_racks else ""),
             ]
             parts.append(Panel("\n".join(lines), title="consolidated battery (what the inverter is told)"))
+        if self.controllers:
+            parts.append(Panel("\n".join(f"{node}: {text}" for node, text in sorted(self.controllers.items())),
+                               title="controllers"))
         if self.inverter_status:
             parts.append(Panel(self.inverter_status, title="simulated inverter"))
         if self.rejected:
@@ -127,6 +145,7 @@ async def run_monitor(
     session.subscribe(topics.all_rack_telemetry)
     session.subscribe(topics.all_rack_status, qos=1)
     session.subscribe(topics.cluster_state)
+    session.subscribe(topics.all_controller_status, qos=1)
     await session.start()
     console = Console()
     deadline = time.monotonic() + 3.0 if once else None

@@ -160,7 +160,7 @@ class FailoverConfig(Frozen):
     stagger_ms: Annotated[int, Field(ge=0, le=5000)] = 150
     standby_heartbeat_period_ms: Annotated[int, Field(ge=50, le=5000)] = 200
     # An active with stale telemetry hands over to a standby with fresher data after this long.
-    handover_hold_ms: Annotated[int, Field(ge=0, le=60_000)] = 500
+    handover_hold_ms: Annotated[int, Field(ge=0, le=60_000)] = 2000
     # Consecutive failed CAN sends after which the active fences itself and lets a standby take over.
     send_failures_before_fence: Annotated[int, Field(ge=1, le=100)] = 3
 

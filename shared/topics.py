@@ -43,6 +43,10 @@ class Topics:
         return f"{self._base}/controller/{node_id}/status"
 
     @property
+    def all_controller_status(self) -> str:
+        return f"{self._base}/controller/+/status"
+
+    @property
     def leader(self) -> str:
         return f"{self._base}/controller/leader"
 
