@@ -210,3 +210,23 @@ async def test_optional_modbus_view_serves_the_consolidated_state(mqtt_broker: M
 async def test_modbus_view_is_off_by_default(mqtt_broker: MosquittoBroker, unique_topic_prefix: str) -> None:
     svc = ControllerService(config(mqtt_broker, unique_topic_prefix, "x"))
     assert svc.modbus is None
+
+
+async def test_latched_alarm_needs_the_clear_command(rig: Any) -> None:
+    from shared.models import ProtectionFlags
+
+    svc, bus, pub, topics = rig
+    seq = await _feed(pub, topics, 100.0, 1.0)
+    assert bus.ccl() == pytest.approx(200.0)
+    hot = telemetry(rack_id="rack-01", seq=seq, timestamp_s=1_790_000_000.0 + seq,
+                    measurements=measurements(alarms=ProtectionFlags(charge_over_temperature=True)))
+    pub.publish(topics.rack_telemetry("rack-01"), encode(hot))
+    await wait_until(lambda: bus.ccl() == 0.0, 2.0, "CCL 0 on the alarm")
+    # The condition clears in the telemetry, but the latch holds until a clear command is accepted.
+    seq = await _feed(pub, topics, 100.0, 1.0, start_seq=seq + 1)
+    assert bus.ccl() == 0.0
+    assert svc.state is not None and svc.state.cluster.latched_alarm
+    svc.clear_latched_alarms()
+    await _feed(pub, topics, 100.0, 1.0, start_seq=seq + 1)
+    assert bus.ccl() == pytest.approx(200.0)
+    assert svc.state is not None and not svc.state.cluster.latched_alarm
