@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -32,8 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port_block(n: int) -> int:
-    import socket
-
     for _ in range(50):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -128,7 +127,7 @@ def main() -> int:
     print(header)
     for n in args.units:
         base = free_port_block(n)
-        sim = subprocess.Popen(  # noqa: S603
+        sim = subprocess.Popen(
             [sys.executable, "-m", "bmslink", "--log-level", "error", "sim", "bms", "--racks", str(n),
              "--transport", "tcp", "--host", "127.0.0.1", "--port", str(base)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,

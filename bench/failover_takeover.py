@@ -54,8 +54,11 @@ async def trial(chain: Chain, sig: signal.Signals) -> tuple[float, float]:
     else:
         chain.procs.send_signal(name, signal.SIGCONT)
     back = time.monotonic()
-    await chain.wait_for(lambda: any(b.node == old and b.role == 2 for b in chain.recorder.beats if b.t > back),
-                         15.0, "the old active back as standby")
+    await chain.wait_for(
+        lambda: any(b.node == old and b.role == 2 for b in chain.recorder.beats if b.t > back),
+        15.0,
+        "the old active back as standby",
+    )
     await asyncio.sleep(0.5)
     return first.t - sent, gap
 
@@ -69,7 +72,9 @@ async def run(trials: int) -> int:
         chain = Chain(root, broker, "bench", procs, controllers=2, failover=True)
         try:
             await chain.start()
-            await chain.wait_for(lambda: chain.recorder.active_node() is not None, 10.0, "an active controller")
+            await chain.wait_for(
+                lambda: chain.recorder.active_node() is not None, 10.0, "an active controller"
+            )
             await chain.settle()
             print(f"failover benchmark: {trials} trials per signal, controller heartbeat 100 ms, "
                   f"inverter period {HEARTBEAT_MS} ms, silence window 300 ms")
@@ -84,7 +89,8 @@ async def run(trials: int) -> int:
                     takeovers.append(takeover)
                     gaps.append(gap)
                 overlaps = len(chain.recorder.overlaps(CONTROLLER_BEAT_S, since))
-                print(f"{sig.name:>8} {statistics.median(takeovers) * 1000:>10.0f} ms {pct(takeovers, 0.99) * 1000:>4.0f} ms"
+                print(f"{sig.name:>8} {statistics.median(takeovers) * 1000:>10.0f} ms "
+                      f"{pct(takeovers, 0.99) * 1000:>4.0f} ms"
                       f" {max(takeovers) * 1000:>4.0f} ms {statistics.median(gaps) * 1000:>5.0f} ms "
                       f"{pct(gaps, 0.99) * 1000:>4.0f} ms {max(gaps) * 1000:>4.0f} ms {overlaps:>8}")
             status = chain.inverter()

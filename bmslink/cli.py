@@ -13,10 +13,13 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rack_agent.errors import ProfileError
 from shared.config import ConfigError
+
+if TYPE_CHECKING:
+    from shared.controller_config import ControllerConfig
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -68,7 +71,9 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     except ProfileError as exc:
         raise ConfigError(args.config, [str(exc)]) from exc
     if args.check_config:
-        print(f"{args.config}: ok (site {config.site_id}, rack {config.rack_id}, {len(config.units)} unit(s))")
+        print(
+            f"{args.config}: ok (site {config.site_id}, rack {config.rack_id}, {len(config.units)} unit(s))"
+        )
         return EXIT_OK
 
     async def main(stop: asyncio.Event) -> None:
@@ -81,7 +86,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 # -- controller -------------------------------------------------------------------------------
 
 
-def _load_controller_config(path: Path):  # type: ignore[no-untyped-def]
+def _load_controller_config(path: Path) -> ControllerConfig:
     from shared.config import load_config  # noqa: PLC0415
     from shared.controller_config import ControllerConfig  # noqa: PLC0415
 
@@ -93,7 +98,9 @@ def _cmd_controller(args: argparse.Namespace) -> int:
 
     config = _load_controller_config(args.config)
     if args.check_config:
-        print(f"{args.config}: ok (site {config.site_id}, node {config.node_id}, {len(config.roster)} rack(s))")
+        print(
+            f"{args.config}: ok (site {config.site_id}, node {config.node_id}, {len(config.roster)} rack(s))"
+        )
         return EXIT_OK
 
     async def main(stop: asyncio.Event) -> None:

@@ -85,7 +85,7 @@ def split_scenario(path: Path, run_dir: Path) -> tuple[Path | None, list[tuple[f
     return out, site
 
 
-def controller_toml(racks: int, broker_port: int, can_port: int, node: str = "ctl-a", node_number: int = 1,
+def controller_toml(racks: int, broker_port: int, can_port: int, *, node: str = "ctl-a", node_number: int = 1,
                     rank: int = 0) -> str:
     roster = "\n".join(
         f'[[roster]]\nrack_id = "rack-{i + 1:02d}"\ncapacity_ah = 280\n' for i in range(racks)
@@ -126,7 +126,8 @@ def read_inverter_status(path: Path) -> str:
     limits = data.get("limits") or {}
     told = "no limits yet" if not limits else (
         f"CVL {limits['charge_voltage_limit_v']:.1f} V  CCL {limits['charge_current_limit_a']:.1f} A  "
-        f"DCL {limits['discharge_current_limit_a']:.1f} A  charge {'on' if limits['charge_enabled'] else 'OFF'}  "
+        f"DCL {limits['discharge_current_limit_a']:.1f} A  "
+        f"charge {'on' if limits['charge_enabled'] else 'OFF'}  "
         f"discharge {'on' if limits['discharge_enabled'] else 'OFF'}"
     )
     return (
@@ -167,14 +168,18 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 await sup.start(f"agent-{i + 1:02d}", [*bmslink, "agent", "--config", str(cfg)])
             for name, number, rank in CONTROLLERS:
                 cfg_path = run_dir / f"{name}.toml"
-                cfg_path.write_text(controller_toml(args.racks, broker_port, can_port, name, number, rank))
+                cfg_path.write_text(controller_toml(
+                    args.racks, broker_port, can_port, node=name, node_number=number, rank=rank
+                ))
                 await sup.start(name, [*bmslink, "controller", "--config", str(cfg_path)])
             status_file = run_dir / "inverter.json"
             await sup.start("inverter", [*bmslink, "sim", "inverter", "--interface", "remote",
                                          "--channel", f"127.0.0.1:{can_port}", "--dialect", "pylon",
                                          "--ignore-id", "0x6E0", "--status-file", str(status_file)])
             view_events: list[str] = []
-            site = SiteControl(sup, run_dir, bmslink, broker_conf=conf, broker_port=broker_port, log=view_events)
+            site = SiteControl(
+                sup, run_dir, bmslink, broker_conf=conf, broker_port=broker_port, log=view_events
+            )
             tasks = [asyncio.create_task(site.run_events(site_events), name="demo-site-events")]
             keyboard = KeyboardKill(site)
             keyboard.start()
@@ -232,7 +237,9 @@ class SiteControl:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
         await proc.wait()
-        self.log.append(f"{time.strftime('%H:%M:%S')} killed the active controller {name}; restarting it in 5 s")
+        self.log.append(
+            f"{time.strftime('%H:%M:%S')} killed the active controller {name}; restarting it in 5 s"
+        )
         await asyncio.sleep(5.0)
         await self.restart_controller(name)
 

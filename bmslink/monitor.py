@@ -7,18 +7,16 @@ import time
 import uuid
 from collections.abc import Callable
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
-from rich.table import Table
-
-from rich.console import Group
 from rich.panel import Panel
+from rich.table import Table
 
 from shared.cluster import ConsolidatedState, ControllerStatus
 from shared.codec import DecodeError, Decoder, telemetry_decoder
 from shared.config import MqttConfig
-from shared.mqtt import MqttSession
 from shared.models import RackTelemetry
+from shared.mqtt import MqttSession
 from shared.topics import Topics
 
 REFRESH_S = 0.5
@@ -42,7 +40,8 @@ class TelemetryView:
         self.controllers: dict[str, str] = {}
 
     def feed(self, topic: str, payload: bytes, now_s: float) -> None:
-        if topic.startswith(self.topics.controller_status("")[:-len("/status")]) and topic.endswith("/status"):
+        status_prefix = self.topics.controller_status("")[:-len("/status")]
+        if topic.startswith(status_prefix) and topic.endswith("/status"):
             node = topic.split("/")[-2]
             if payload == b"offline" or not payload:
                 self.controllers[node] = "offline"
@@ -114,16 +113,22 @@ class TelemetryView:
                 f"CVL {c.charge_voltage_limit_v:.1f} V  {c.cvl_reason}",
                 f"DVL {c.discharge_voltage_limit_v:.1f} V  {c.dvl_reason}",
                 f"SOC {c.soc_pct:.1f} %  V {c.pack_voltage_v:.2f}  I {c.current_a:.1f} A  "
-                f"eligible {c.eligible_racks}/{c.roster_size}  node {c.node_id}  age {now_s - self.cluster_at:.1f} s",
-                "racks: " + ", ".join(f"{r.rack_id}:{r.state.value}"
-                                      + (f"({r.share:.0%})" if r.eligible and r.share < 1 else "") for r in c.racks),
+                f"eligible {c.eligible_racks}/{c.roster_size}  node {c.node_id}  "
+                f"age {now_s - self.cluster_at:.1f} s",
+                "racks: " + ", ".join(
+                    f"{r.rack_id}:{r.state.value}"
+                    + (f"({r.share:.0%})" if r.eligible and r.share < 1 else "")
+                    for r in c.racks
+                ),
                 "alarms: " + (", ".join((*c.alarms.raised(), *c.cluster.raised())) or "none")
                 + ("  unknown racks: " + ", ".join(c.unknown_racks) if c.unknown_racks else ""),
             ]
             parts.append(Panel("\n".join(lines), title="consolidated battery (what the inverter is told)"))
         if self.controllers:
-            parts.append(Panel("\n".join(f"{node}: {text}" for node, text in sorted(self.controllers.items())),
-                               title="controllers"))
+            parts.append(Panel(
+                "\n".join(f"{node}: {text}" for node, text in sorted(self.controllers.items())),
+                title="controllers",
+            ))
         if self.inverter_status:
             parts.append(Panel(self.inverter_status, title="simulated inverter"))
         if self.rejected:

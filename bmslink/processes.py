@@ -22,7 +22,9 @@ def free_port() -> int:
 
 
 def find_mosquitto() -> str:
-    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    found = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
     if found is None:
         raise FileNotFoundError("mosquitto is not installed (Debian/Ubuntu: apt-get install mosquitto)")
     return found
@@ -95,7 +97,8 @@ class Supervisor:
         raise RuntimeError(f"{name} did not report {needle!r}:\n{self.log_tail(name)}")
 
     async def stop_all(self) -> None:
-        for sig, grace in ((signal.SIGINT, STOP_GRACE_S), (signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 2.0)):
+        stages = ((signal.SIGINT, STOP_GRACE_S), (signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 2.0))
+        for sig, grace in stages:
             alive = [p for p in self.procs.values() if p.returncode is None]
             if not alive:
                 return

@@ -102,7 +102,8 @@ class CanPort:
             self.counters["no_ack"] += 1
             log.warning("CAN %s: no ACK (is the inverter connected and at %d bit/s?)", self.config.channel,
                         self.config.bitrate)
-        if cls & CAN_ERR_CRTL and len(msg.data) > 1 and msg.data[1] & (CAN_ERR_CRTL_TX_PASSIVE | CAN_ERR_CRTL_RX_PASSIVE):
+        passive = CAN_ERR_CRTL_TX_PASSIVE | CAN_ERR_CRTL_RX_PASSIVE
+        if cls & CAN_ERR_CRTL and len(msg.data) > 1 and msg.data[1] & passive:
             self.counters["error_passive"] += 1
             log.warning("CAN %s: error-passive", self.config.channel)
         if cls & CAN_ERR_RESTARTED:

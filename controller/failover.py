@@ -79,7 +79,9 @@ class RoleMachine:
     def __post_init__(self) -> None:
         self.changed_s = self.now_s
         # At start nobody is known yet: the rank's VRRP-like skew orders simultaneous starts.
-        self.fenced_until_s = self.now_s + self.listen_window_s + self.config.rank * self.config.stagger_ms / 1000.0
+        self.fenced_until_s = (
+            self.now_s + self.listen_window_s + self.config.rank * self.config.stagger_ms / 1000.0
+        )
         # Silence is counted from start: a starting node waits a full window (no preemption).
         self.last_active_heard_s = self.now_s
 
@@ -151,8 +153,10 @@ class RoleMachine:
             theirs = claim(beat.epoch, beat.rank, beat.node_number)
             ours = claim(self.epoch, self.config.rank, self.config.node_number)
             if theirs > ours:
-                self._become(Role.STANDBY, now_s,
-                             f"heard active node {beat.node_number} with epoch {beat.epoch} > ours {self.epoch}")
+                self._become(
+                    Role.STANDBY, now_s,
+                    f"heard active node {beat.node_number} with epoch {beat.epoch} > ours {self.epoch}",
+                )
 
     def on_foreign_inverter_frame(self, now_s: float) -> None:
         """A limits frame we did not send. With heartbeats on, an unannounced transmitter; without,
@@ -202,8 +206,12 @@ class RoleMachine:
             return
         live_s = STANDBY_LIVE_PERIODS * self.config.standby_heartbeat_period_ms / 1000.0
         candidates = sorted(
-            (beat for beat, heard in self.standbys.values()
-             if now_s - heard <= live_s and beat.fresh_racks >= min_fresh_racks and beat.fresh_racks > fresh_racks),
+            (
+                beat for beat, heard in self.standbys.values()
+                if now_s - heard <= live_s
+                and beat.fresh_racks >= min_fresh_racks
+                and beat.fresh_racks > fresh_racks
+            ),
             key=lambda b: (-b.fresh_racks, b.rank, b.node_number),
         )
         if not candidates:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import can
+from cantools.database.errors import DecodeError as CanDecodeError
 
 from controller.can_port import CanPort
 from controller.core.engine import CoreMemory, step
@@ -28,7 +29,7 @@ from controller.rack_table import RackTable
 from shared.cluster import ConsolidatedState, ControllerStatus, LeaderRecord, RackState
 from shared.codec import DecodeError, Decoder, encode
 from shared.controller_config import ControllerConfig, Dialect
-from shared.dbc import load_dbc
+from shared.dbc import load_dbc, numeric_signals
 from shared.mqtt import MqttSession, Will
 from shared.topics import STATUS_OFFLINE, Topics
 
@@ -53,15 +54,18 @@ class ControllerStats:
     heartbeats_sent: int = 0
 
 
-def fail_safe(previous: ConsolidatedState | None, config: ControllerConfig, wall_s: float) -> ConsolidatedState:
+def fail_safe(
+    previous: ConsolidatedState | None, config: ControllerConfig, wall_s: float
+) -> ConsolidatedState:
     """Zero current, both directions disabled, alarm set; CVL kept at a plausible non-zero value."""
     cvl = previous.charge_voltage_limit_v if previous is not None and previous.charge_voltage_limit_v > 0 \
         else config.aggregation.fallback_voltage_v
     dvl = previous.discharge_voltage_limit_v if previous is not None else 0.0
     base = previous or ConsolidatedState(
         site_id=config.site_id, node_id=config.node_id, timestamp_s=wall_s, charge_current_limit_a=0.0,
-        discharge_current_limit_a=0.0, charge_voltage_limit_v=cvl, discharge_voltage_limit_v=min(dvl, cvl - 0.1),
-        charge_enabled=False, discharge_enabled=False, roster_size=len(config.roster),
+        discharge_current_limit_a=0.0, charge_voltage_limit_v=cvl,
+        discharge_voltage_limit_v=min(dvl, cvl - 0.1), charge_enabled=False, discharge_enabled=False,
+        roster_size=len(config.roster),
     )
     return base.model_copy(update={
         "timestamp_s": wall_s,
@@ -92,7 +96,10 @@ def must_send_now(previous: ConsolidatedState | None, current: ConsolidatedState
         return True
     if any(c < p for c, p in zip(_limits_key(current), _limits_key(previous), strict=True)):
         return True
-    if current.charge_enabled < previous.charge_enabled or current.discharge_enabled < previous.discharge_enabled:
+    if (
+        current.charge_enabled < previous.charge_enabled
+        or current.discharge_enabled < previous.discharge_enabled
+    ):
         return True
     raised = set(current.alarms.raised()) | set(current.cluster.raised())
     before = set(previous.alarms.raised()) | set(previous.cluster.raised())
@@ -115,8 +122,10 @@ class ControllerService:
                                config.max_payload_bytes)
         self.encoder = FrameEncoder(config.can, module_count=len(config.roster))
         failover = config.failover
-        self.can = CanPort(config.can, on_frame=self._on_can_frame,
-                           failures_before_fault=failover.send_failures_before_fence if failover.enabled else None)
+        self.can = CanPort(
+            config.can, on_frame=self._on_can_frame,
+            failures_before_fault=failover.send_failures_before_fence if failover.enabled else None,
+        )
         if not failover.heartbeat_enabled:
             # Without our heartbeat the limits frames are the only sign of an active: time by them.
             failover = failover.model_copy(update={"heartbeat_period_ms": config.can.period_ms})
@@ -135,7 +144,10 @@ class ControllerService:
         self._clear_command_s: float | None = None
         self._urgent = asyncio.Event()
         self.stats = ControllerStats()
-        client_id = config.mqtt.client_id or f"bmslink-controller-{config.site_id}-{config.node_id}-{uuid.uuid4().hex[:8]}"
+        client_id = (
+            config.mqtt.client_id
+            or f"bmslink-controller-{config.site_id}-{config.node_id}-{uuid.uuid4().hex[:8]}"
+        )
         self._status_topic = self.topics.controller_status(config.node_id)
         self.mqtt = MqttSession(config.mqtt, client_id, will=Will(self._status_topic, STATUS_OFFLINE),
                                 receive_queue_size=100_000, on_connected=self._on_mqtt_connected)
@@ -157,7 +169,10 @@ class ControllerService:
 
     def reload(self, config: ControllerConfig) -> None:
         """Adopt a new roster and aggregation settings (SIGHUP); transport settings need a restart."""
-        ignored = [name for name in ("mqtt", "can", "site_id", "node_id") if getattr(config, name) != getattr(self.config, name)]
+        ignored = [
+            name for name in ("mqtt", "can", "site_id", "node_id")
+            if getattr(config, name) != getattr(self.config, name)
+        ]
         if ignored:
             log.warning("reload: changes to %s need a restart and were not applied", ignored)
             config = config.model_copy(update={name: getattr(self.config, name) for name in ignored})
@@ -212,10 +227,12 @@ class ControllerService:
         failover = self.config.failover
         if msg.arbitration_id == failover.heartbeat_id and not msg.is_extended_id:
             try:
-                v = self._beat_msg.decode(bytes(msg.data), decode_choices=False)
-                beat = PeerBeat(int(v["NodeNumber"]), WireRole(int(v["Role"])), int(v["Rank"]), int(v["Epoch"]),
-                                int(v["FreshRacks"]), int(v["ReleaseTo"]))
-            except (ValueError, KeyError) as exc:
+                v = numeric_signals(self._beat_msg.decode(bytes(msg.data), decode_choices=False))
+                beat = PeerBeat(
+                    int(v["NodeNumber"]), WireRole(int(v["Role"])), int(v["Rank"]), int(v["Epoch"]),
+                    int(v["FreshRacks"]), int(v["ReleaseTo"]),
+                )
+            except (ValueError, KeyError, CanDecodeError) as exc:
                 self.can.counters["bad_heartbeats"] += 1
                 log.warning("undecodable controller heartbeat %s: %s", bytes(msg.data).hex(), exc)
                 return
@@ -257,7 +274,9 @@ class ControllerService:
         now = self._monotonic()
         stalled = now - self._last_pulse
         if stalled > self.roles.stall_limit_s and self.roles.role is Role.ACTIVE:
-            self.roles.fence(now, f"own loop stalled {stalled * 1000:.0f} ms: re-listening before transmitting")
+            self.roles.fence(
+                now, f"own loop stalled {stalled * 1000:.0f} ms: re-listening before transmitting"
+            )
             self._role_changed()
         return self.roles.may_transmit
 
@@ -305,7 +324,8 @@ class ControllerService:
                 self.stats.cycle_errors += 1
                 log.exception("control cycle failed; sending zero current with the alarm set")
                 if heartbeat_due or self.stats.cycle_errors == 1:
-                    self._send(fail_safe(self.state or self.last_sent, self.config, self._wall()), urgent=True)
+                    safe = fail_safe(self.state or self.last_sent, self.config, self._wall())
+                    self._send(safe, urgent=True)
 
     # -- failover ----------------------------------------------------------------------------
 
@@ -329,7 +349,10 @@ class ControllerService:
         frame = can.Message(arbitration_id=failover.heartbeat_id, data=data, is_extended_id=False)
         if self.can.send_all([frame], kind="heartbeats"):
             self.stats.heartbeats_sent += 1
-        period_ms = failover.heartbeat_period_ms if roles.role is Role.ACTIVE else failover.standby_heartbeat_period_ms
+        period_ms = (
+            failover.heartbeat_period_ms if roles.role is Role.ACTIVE
+            else failover.standby_heartbeat_period_ms
+        )
         self._next_beat = now + period_ms / 1000.0
 
     async def _pulse(self) -> None:

@@ -9,6 +9,7 @@ goes out the moment the connection returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -24,8 +25,8 @@ from rack_agent.schedule import FixedRateSchedule
 from rack_agent.unit import UnitRuntime
 from shared.agent_config import AgentConfig
 from shared.codec import encode
-from shared.mqtt import MqttSession, Will
 from shared.models import RackCommState, RackTelemetry
+from shared.mqtt import MqttSession, Will
 from shared.topics import STATUS_OFFLINE, STATUS_ONLINE, Topics
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,10 @@ class RackAgent:
         self.stats = AgentStats()
         self.seq = 0
         self.latest: RackTelemetry | None = None
-        client_id = config.mqtt.client_id or f"bmslink-agent-{config.site_id}-{config.rack_id}-{uuid.uuid4().hex[:8]}"
+        client_id = (
+            config.mqtt.client_id
+            or f"bmslink-agent-{config.site_id}-{config.rack_id}-{uuid.uuid4().hex[:8]}"
+        )
         self._status_topic = self.topics.rack_status(config.rack_id)
         self._telemetry_topic = self.topics.rack_telemetry(config.rack_id)
         self.mqtt = MqttSession(
@@ -168,7 +172,7 @@ class RackAgent:
         units = list(self.units.values())
         lost = any(u.health.comm_lost for u in units)
         known = [(u.name, u.health.last_good) for u in units if u.health.last_good is not None]
-        measurements = merge_units(known) if known else None  # type: ignore[arg-type]
+        measurements = merge_units(known) if known else None
         if lost and measurements is not None:
             measurements = without_current_permission(measurements)
         self.seq += 1
@@ -193,10 +197,10 @@ class RackAgent:
             await link.start()
         # Give the links one poll interval to come up, so the first poll is not a certain failure.
         interval_s = self.config.polling.interval_ms / 1000.0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + interval_s
-        while not all(link.connected for link in self.links.values()) and loop.time() < deadline:
-            await asyncio.sleep(0.01)
+        # A link still down then fails its polls fast (connection_refused) until it is up.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval_s):
+                await asyncio.gather(*(link.wait_connected() for link in self.links.values()))
 
     async def run(self, stop: asyncio.Event, *, max_polls: int | None = None) -> None:
         """Start, then poll and publish until ``stop`` is set (or ``max_polls`` slots have run)."""
@@ -211,7 +215,9 @@ class RackAgent:
                     self.metrics.skipped_slots.labels(self.config.rack_id).inc(slot.skipped)
                     for unit in self.units.values():
                         unit.health.record_skipped_slot(slot.skipped)
-                    log.warning("rack %s: poll overran, %d slot(s) skipped", self.config.rack_id, slot.skipped)
+                    log.warning(
+                        "rack %s: poll overran, %d slot(s) skipped", self.config.rack_id, slot.skipped
+                    )
                 delay = slot.start_s - self._monotonic()
                 if delay > 0:
                     try:

@@ -21,8 +21,8 @@ class AgentMetrics:
             buckets=_LATENCY_BUCKETS_S, registry=self.registry,
         )
         self.polls = Counter(
-            "bmslink_agent_polls", "Unit polls by outcome (ok, timeout, crc_error, ...)", [*labels, "outcome"],
-            registry=self.registry,
+            "bmslink_agent_polls", "Unit polls by outcome (ok, timeout, crc_error, ...)",
+            [*labels, "outcome"], registry=self.registry,
         )
         self.comm_lost = Gauge("bmslink_agent_unit_comm_lost", "1 while a unit is comm-lost", labels,
                                registry=self.registry)

@@ -19,7 +19,9 @@ class UnitRuntime:
     plan: RegisterPlan | None = field(default=None)
 
     @classmethod
-    def create(cls, config: UnitConfig, profile: FlatProfile | SunSpecProfile | None, comm_lost_after: int) -> UnitRuntime:
+    def create(
+        cls, config: UnitConfig, profile: FlatProfile | SunSpecProfile | None, comm_lost_after: int
+    ) -> UnitRuntime:
         plan = flat_plan(profile) if isinstance(profile, FlatProfile) else None
         return cls(config, profile, UnitHealth(config.name, comm_lost_after), plan)
 

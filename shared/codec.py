@@ -40,7 +40,8 @@ class DecodeError(ValueError):
 
 def encode(model: BaseModel) -> bytes:
     """Pack a contract model; enums become their string values, tuples become arrays."""
-    return msgpack.packb(model.model_dump(mode="json"), use_bin_type=True)
+    packed: bytes = msgpack.packb(model.model_dump(mode="json"), use_bin_type=True)  # msgpack is untyped
+    return packed
 
 
 def _summarise(error: ValidationError) -> str:
@@ -76,22 +77,31 @@ class Decoder(Generic[M]):
                 RejectReason.OVERSIZED, f"{len(payload)} bytes > limit {self.max_payload_bytes}", topic
             )
         try:
-            # The size check above bounds everything unpackb allocates (its limits default to the input size).
+            # The size check above bounds everything unpackb allocates
+            # (its limits default to the input size).
             raw: Any = msgpack.unpackb(payload, raw=False, strict_map_key=True)
         except Exception as exc:  # msgpack raises several unrelated types for bad input
-            raise DecodeError(RejectReason.MALFORMED, f"not msgpack: {type(exc).__name__}: {exc}", topic) from exc
+            raise DecodeError(
+                RejectReason.MALFORMED, f"not msgpack: {type(exc).__name__}: {exc}", topic
+            ) from exc
         if not isinstance(raw, dict):
-            raise DecodeError(RejectReason.MALFORMED, f"top level is {type(raw).__name__}, not a map", topic)
+            raise DecodeError(
+                RejectReason.MALFORMED, f"top level is {type(raw).__name__}, not a map", topic
+            )
         version = raw.get("schema_version")
         if (
             not isinstance(version, list | tuple)
             or len(version) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in version)
         ):
-            raise DecodeError(RejectReason.MALFORMED, f"schema_version missing or not [major, minor]: {version!r}", topic)
+            raise DecodeError(
+                RejectReason.MALFORMED, f"schema_version missing or not [major, minor]: {version!r}", topic
+            )
         if version[0] != SCHEMA_MAJOR:
             raise DecodeError(
-                RejectReason.UNSUPPORTED_VERSION, f"major {version[0]} (this build reads {SCHEMA_MAJOR})", topic
+                RejectReason.UNSUPPORTED_VERSION,
+                f"major {version[0]} (this build reads {SCHEMA_MAJOR})",
+                topic,
             )
         try:
             return self._model.model_validate(raw)

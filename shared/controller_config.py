@@ -15,7 +15,10 @@ Positive = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
 
 
 class CurrentPolicy(StrEnum):
-    """How rack current limits combine into the bank limit (see controller/core/policies.py for the physics)."""
+    """How rack current limits combine into the bank limit.
+
+    See controller/core/policies.py for the physics.
+    """
 
     N_TIMES_MIN = "n_times_min"
     SUM = "sum"
@@ -192,7 +195,11 @@ class ControllerConfig(Frozen):
         inverter_ids = {0x305, 0x306, 0x307, 0x351, 0x355, 0x356, 0x359, 0x35A, 0x35B, 0x35C, 0x35E, 0x35F,
                         *range(0x370, 0x383)}
         if self.failover.enabled and self.failover.heartbeat_id in inverter_ids:
-            raise ValueError(f"failover.heartbeat_id {self.failover.heartbeat_id:#x} collides with the inverter frame set")
+            raise ValueError(
+                f"failover.heartbeat_id {self.failover.heartbeat_id:#x} collides with the inverter frame set"
+            )
         if self.aggregation.min_racks > len(ids):
-            raise ValueError(f"aggregation.min_racks ({self.aggregation.min_racks}) exceeds the roster size ({len(ids)})")
+            raise ValueError(
+                f"aggregation.min_racks ({self.aggregation.min_racks}) exceeds the roster size ({len(ids)})"
+            )
         return self

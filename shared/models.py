@@ -144,11 +144,13 @@ class RackMeasurements(_Frozen):
     def _ordered(self) -> RackMeasurements:
         if self.cell_voltage_min_v > self.cell_voltage_max_v:
             raise ValueError(
-                f"cell_voltage_min_v {self.cell_voltage_min_v} exceeds cell_voltage_max_v {self.cell_voltage_max_v}"
+                f"cell_voltage_min_v {self.cell_voltage_min_v} "
+                f"exceeds cell_voltage_max_v {self.cell_voltage_max_v}"
             )
         if self.temperature_min_c > self.temperature_max_c:
             raise ValueError(
-                f"temperature_min_c {self.temperature_min_c} exceeds temperature_max_c {self.temperature_max_c}"
+                f"temperature_min_c {self.temperature_min_c} "
+                f"exceeds temperature_max_c {self.temperature_max_c}"
             )
         return self
 
@@ -177,9 +179,12 @@ class RackTelemetry(_Frozen):
     @model_validator(mode="after")
     def _comm_lost_grants_nothing(self) -> RackTelemetry:
         m = self.measurements
-        if self.comm_state is RackCommState.COMM_LOST and m is not None:
-            if m.charge_current_limit_a != 0.0 or m.discharge_current_limit_a != 0.0:
-                raise ValueError("a comm_lost rack must carry zero charge and discharge current limits")
+        if (
+            self.comm_state is RackCommState.COMM_LOST
+            and m is not None
+            and (m.charge_current_limit_a != 0.0 or m.discharge_current_limit_a != 0.0)
+        ):
+            raise ValueError("a comm_lost rack must carry zero charge and discharge current limits")
         if self.comm_state is RackCommState.OK and m is None:
             raise ValueError("comm_state ok requires measurements")
         return self

@@ -12,6 +12,7 @@ wait 30–40 ms for a delayed ACK, so TCP_NODELAY is set on every new socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -174,7 +175,7 @@ class MqttSession:
     def _expiry(self, seconds: int) -> Properties:
         props = self._expiry_props.get(seconds)
         if props is None:
-            props = Properties(PacketTypes.PUBLISH)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho: unannotated
             props.MessageExpiryInterval = seconds
             self._expiry_props[seconds] = props
         return props
@@ -207,10 +208,9 @@ class MqttSession:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        try:
+        # RuntimeError: the loop closed between the check and the call (shutdown).
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # loop closed between the check and the call (shutdown)
-            pass
 
     # -- event-loop side ---------------------------------------------------------------------
 
@@ -238,7 +238,6 @@ class MqttSession:
 
 
 def _wait_published(info: paho.MQTTMessageInfo, timeout_s: float) -> None:
-    try:
+    # RuntimeError, ValueError: not connected any more, nothing left to wait for.
+    with contextlib.suppress(RuntimeError, ValueError):
         info.wait_for_publish(timeout_s)
-    except (RuntimeError, ValueError):
-        pass  # not connected any more: nothing left to wait for

@@ -37,6 +37,7 @@ class BmsLink(ABC):
         self._reconnect_initial_s = reconnect_initial_s
         self._reconnect_max_s = reconnect_max_s
         self._connected = False
+        self._up = asyncio.Event()  # mirrors _connected, so a caller can await the connection
         self._wanted = False
         self._need_connect = asyncio.Event()
         self._connector: asyncio.Task[None] | None = None
@@ -47,6 +48,10 @@ class BmsLink(ABC):
     @property
     def connected(self) -> bool:
         return self._connected
+
+    async def wait_connected(self) -> None:
+        """Return once the link is connected (at once if it is); no deadline of its own."""
+        await self._up.wait()
 
     async def start(self) -> None:
         """Begin connecting in the background; polls fail fast with ``connection_refused`` until up."""
@@ -62,6 +67,7 @@ class BmsLink(ABC):
             self._connector = None
         if self._connected:
             self._connected = False
+            self._up.clear()
         await self._disconnect()
 
     def mark_broken(self, reason: str) -> None:
@@ -69,6 +75,7 @@ class BmsLink(ABC):
         if self._connected:
             log.warning("link %s: reconnecting: %s", self.name, reason)
         self._connected = False
+        self._up.clear()
         self._need_connect.set()
 
     async def _connect_forever(self) -> None:
@@ -104,6 +111,7 @@ class BmsLink(ABC):
                 await self._disconnect()
                 return
             self._connected = True
+            self._up.set()
             log.info("link %s: connected", self.name)
 
     async def read_unit(self, unit: UnitRuntime, timeout_s: float) -> RackMeasurements:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import can
@@ -19,7 +20,7 @@ from rack_agent.errors import ConnectionRefusedPollError, InvalidDataError, Poll
 from rack_agent.links.base import BmsLink
 from rack_agent.unit import UnitRuntime
 from shared.agent_config import CanLink
-from shared.dbc import load_dbc
+from shared.dbc import load_dbc, numeric_signals
 from shared.models import ContactorState, ProtectionFlags, RackMeasurements
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,16 @@ _WARNINGS = {
 }
 
 
-def _flags(decoded: dict[str, Any], table: dict[str, tuple[str, ...]]) -> ProtectionFlags:
+def _flags(decoded: Mapping[str, float], table: dict[str, tuple[str, ...]]) -> ProtectionFlags:
     raised = {name for signal, names in table.items() if decoded.get(signal) for name in names}
     return ProtectionFlags(**dict.fromkeys(raised, True))
 
 
 class CanBmsLink(BmsLink):
     def __init__(self, config: CanLink, *, reconnect_initial_s: float, reconnect_max_s: float) -> None:
-        super().__init__(config.name, reconnect_initial_s=reconnect_initial_s, reconnect_max_s=reconnect_max_s)
+        super().__init__(
+            config.name, reconnect_initial_s=reconnect_initial_s, reconnect_max_s=reconnect_max_s
+        )
         self.config = config
         self._db: cantools.database.can.Database = load_dbc("pylon")
         self._bus: can.BusABC | None = None
@@ -85,7 +88,9 @@ class CanBmsLink(BmsLink):
         try:
             bus = can.Bus(**kwargs)
         except (can.CanError, OSError, ValueError) as exc:
-            raise ConnectionRefusedPollError(f"cannot open CAN {self.config.interface}:{self.config.channel}: {exc}") from exc
+            raise ConnectionRefusedPollError(
+                f"cannot open CAN {self.config.interface}:{self.config.channel}: {exc}"
+            ) from exc
         loop = asyncio.get_running_loop()
         self._bus = bus
         self._notifier = can.Notifier(bus, [self._on_frame], timeout=0.2, loop=loop)
@@ -101,17 +106,26 @@ class CanBmsLink(BmsLink):
     async def _read(self, unit: UnitRuntime, timeout_s: float) -> RackMeasurements:
         now = time.monotonic()
         stale_s = self.config.stale_after_ms / 1000.0
-        missing = [hex(i) for i in REQUIRED_IDS if i not in self._latest or now - self._latest[i][1] > stale_s]
+        missing = [
+            hex(i) for i in REQUIRED_IDS if i not in self._latest or now - self._latest[i][1] > stale_s
+        ]
         if missing:
             raise PollTimeoutError(f"no fresh frames {missing} from the BMS on CAN {self.config.channel}")
         try:
-            d = {i: self._db.decode_message(i, self._latest[i][0], decode_choices=False) for i in REQUIRED_IDS}
+            d = {
+                i: numeric_signals(self._db.decode_message(i, self._latest[i][0], decode_choices=False))
+                for i in REQUIRED_IDS
+            }
             request = (
-                self._db.decode_message(ID_REQUEST, self._latest[ID_REQUEST][0], decode_choices=False)
+                numeric_signals(
+                    self._db.decode_message(ID_REQUEST, self._latest[ID_REQUEST][0], decode_choices=False)
+                )
                 if ID_REQUEST in self._latest else None
             )
             capacity = (
-                float(self._db.decode_message(ID_CAPACITY, self._latest[ID_CAPACITY][0])["InstalledCapacity"])
+                float(numeric_signals(
+                    self._db.decode_message(ID_CAPACITY, self._latest[ID_CAPACITY][0])
+                )["InstalledCapacity"])
                 if ID_CAPACITY in self._latest else unit.config.capacity_ah
             )
         except (KeyError, ValueError, cantools.database.errors.DecodeError) as exc:

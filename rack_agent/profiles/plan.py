@@ -160,7 +160,9 @@ def read_raw(ref: RegRef, image: RegisterImage) -> int | float:
         else:
             raw = struct.unpack(">f", combined.to_bytes(4, "big"))[0]
     if isinstance(raw, int) and raw in ref.invalid_raw:
-        raise InvalidDataError(f"register {ref.table.value}:{ref.address} holds the not-available marker {raw:#x}")
+        raise InvalidDataError(
+            f"register {ref.table.value}:{ref.address} holds the not-available marker {raw:#x}"
+        )
     return raw
 
 

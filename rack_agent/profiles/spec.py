@@ -166,9 +166,9 @@ class FlatProfile(Frozen):
     kind: Literal["flat"]
     profile: ProfileHeader
     points: dict[str, FlatNumeric | Constant]
-    locations: dict[str, FlatLocation] = {}
-    alarms: dict[str, FlatBit] = {}
-    warnings: dict[str, FlatBit] = {}
+    locations: dict[str, FlatLocation] = Field(default_factory=dict)
+    alarms: dict[str, FlatBit] = Field(default_factory=dict)
+    warnings: dict[str, FlatBit] = Field(default_factory=dict)
     contactor: FlatContactor | None = None
 
     @model_validator(mode="after")
@@ -182,9 +182,9 @@ class SunSpecProfile(Frozen):
     profile: ProfileHeader
     base_addresses: tuple[Address, ...] = (40000, 0, 50000)
     points: dict[str, SunSpecNumeric | Constant]
-    locations: dict[str, SunSpecLocation] = {}
-    alarms: dict[str, SunSpecBit] = {}
-    warnings: dict[str, SunSpecBit] = {}
+    locations: dict[str, SunSpecLocation] = Field(default_factory=dict)
+    alarms: dict[str, SunSpecBit] = Field(default_factory=dict)
+    warnings: dict[str, SunSpecBit] = Field(default_factory=dict)
     contactor: SunSpecContactor | None = None
 
     @model_validator(mode="after")

@@ -124,7 +124,9 @@ def _resolve(reg: SunSpecRegister, layout: SunSpecLayout, where: str) -> tuple[R
     key = (reg.model, reg.instance)
     if key not in layout.models:
         present = sorted(f"{m}#{i}" for m, i in layout.models)
-        raise ProfileError(where, [f"model {reg.model} instance {reg.instance} not on device (found {present})"])
+        raise ProfileError(
+            where, [f"model {reg.model} instance {reg.instance} not on device (found {present})"]
+        )
     points = model_points(reg.model)
     if reg.point not in points:
         raise ProfileError(where, [f"model {reg.model} has no fixed point {reg.point!r}"])
@@ -157,7 +159,9 @@ def sunspec_plan(profile: SunSpecProfile, layout: SunSpecLayout) -> RegisterPlan
         for name, loc in profile.locations.items()
     }
     alarms = {n: BitPoint(_resolve(b, layout, f"alarms.{n}")[0], b.bit) for n, b in profile.alarms.items()}
-    warnings = {n: BitPoint(_resolve(b, layout, f"warnings.{n}")[0], b.bit) for n, b in profile.warnings.items()}
+    warnings = {
+        n: BitPoint(_resolve(b, layout, f"warnings.{n}")[0], b.bit) for n, b in profile.warnings.items()
+    }
     contactor = None
     if profile.contactor is not None:
         c = profile.contactor

@@ -55,7 +55,9 @@ async def started_links(agent: RackAgent, timeout_s: float = 5.0) -> None:
     """Start only the BMS links (no MQTT) and wait until all are connected."""
     for link in agent.links.values():
         await link.start()
-    await wait_until(lambda: all(link.connected for link in agent.links.values()), timeout_s, "links connected")
+    await wait_until(
+        lambda: all(link.connected for link in agent.links.values()), timeout_s, "links connected"
+    )
 
 
 async def stop_links(agent: RackAgent) -> None:

@@ -8,8 +8,8 @@ import signal
 from pathlib import Path
 
 from shared.models import RackCommState
-from tests.agent.test_publishing import Listener
 from tests.agent.helpers import wait_until
+from tests.agent.test_publishing import Listener
 from tests.fixtures.broker import MosquittoBroker, free_port
 from tests.fixtures.procs import ProcessGroup, bmslink_cli
 
@@ -49,8 +49,10 @@ async def test_sim_and_agents_as_processes_publish_and_will_fires_on_kill(
     await asyncio.to_thread(procs.wait_for_output, "sim", "sim rack 1 ready", 15.0)
     for i, profile in enumerate(("sunspec", "acme_flat")):
         cfg = tmp_path / f"agent{i}.toml"
-        cfg.write_text(AGENT_TOML.format(rack=f"rack-0{i + 1}", broker=mqtt_broker.port, prefix=unique_topic_prefix,
-                                         bms=bms_port + i, profile=profile))
+        cfg.write_text(AGENT_TOML.format(
+            rack=f"rack-0{i + 1}", broker=mqtt_broker.port, prefix=unique_topic_prefix,
+            bms=bms_port + i, profile=profile,
+        ))
         procs.start(f"agent{i}", bmslink_cli("agent", "--config", str(cfg)))
     async with Listener(mqtt_broker, unique_topic_prefix) as listener:
         def racks_seen() -> set[str]:

@@ -1,4 +1,7 @@
-"""Config is validated once at the edge: a bad file exits 2 naming the file, the key path and the expectation."""
+"""Config is validated once at the edge.
+
+A bad file exits 2 naming the file, the key path and the expectation.
+"""
 
 from __future__ import annotations
 

@@ -28,7 +28,9 @@ class Rig:
     transport: str
 
 
-async def _rig(transport: str, profile: str, serial_pair: SerialPair | None, **cfg: Any) -> tuple[SimulatedBms, RackAgent]:
+async def _rig(
+    transport: str, profile: str, serial_pair: SerialPair | None, **cfg: Any
+) -> tuple[SimulatedBms, RackAgent]:
     sim = SimulatedBms()
     if transport == "tcp":
         port = free_port()
@@ -98,7 +100,9 @@ async def test_modbus_exception_is_classified_with_its_code(rig: Rig) -> None:
     assert unit.counters.modbus_exception == 1
 
 
-async def test_crc_error_is_told_apart_from_timeout(serial_pair: SerialPair, caplog: pytest.LogCaptureFixture) -> None:
+async def test_crc_error_is_told_apart_from_timeout(
+    serial_pair: SerialPair, caplog: pytest.LogCaptureFixture
+) -> None:
     sim, agent = await _rig("rtu", "acme_flat", serial_pair)
     try:
         await started_links(agent)
@@ -198,7 +202,9 @@ async def test_can_bms_is_read_with_the_shared_dbc() -> None:
     channel = f"bms-{free_port()}"
     sim = SimulatedBms()
     await sim.start_can(interface="virtual", channel=channel, period_s=0.05)
-    link = {"type": "can", "name": "bmscan", "interface": "virtual", "channel": channel, "stale_after_ms": 300}
+    link = {
+        "type": "can", "name": "bmscan", "interface": "virtual", "channel": channel, "stale_after_ms": 300,
+    }
     agent = RackAgent(agent_config(link))
     try:
         sim.set_current(-20.0)

@@ -35,7 +35,8 @@ def _acme_image(**overrides: float) -> dict[tuple[Table, int], int]:
         for i, reg in enumerate(encode_numeric(point, value)):
             image[(Table.HOLDING, point.ref.address + i)] = reg
     image[(Table.HOLDING, 5)] = 7  # cell 7 is the highest
-    image[(Table.HOLDING, 18)] = 0b1_0100_0000  # alarms: charge over-temperature (6) + discharge over-temp (8)
+    # alarms: charge over-temperature (6) + discharge over-temp (8)
+    image[(Table.HOLDING, 18)] = 0b1_0100_0000
     image[(Table.HOLDING, 20)] = 1  # contactor closed
     return image
 
@@ -89,7 +90,8 @@ BAD_PROFILES = {
                       "unknown point field"),
     "missing_required": ('kind = "flat"\n[profile]\nname = "x"\n[points]\npack_voltage_v = { address = 0 }\n',
                          "missing required point"),
-    "bad_type": ('kind = "flat"\n[profile]\nname = "x"\n[points]\npack_voltage_v = { address = 0, type = "u17" }\n',
+    "bad_type": ('kind = "flat"\n[profile]\nname = "x"\n[points]\n'
+                 'pack_voltage_v = { address = 0, type = "u17" }\n',
                  "points.pack_voltage_v"),
     "bad_kind": ('kind = "json"\n[profile]\nname = "x"\n', "kind"),
     "bad_toml": ('kind = "flat\n', "not valid TOML"),

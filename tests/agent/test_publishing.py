@@ -133,7 +133,9 @@ async def test_survives_broker_restart_and_publishes_fresh_state_within_5_s(
             assert first_at - returned < 5.0
             # Nothing polled while the broker was away may be delivered late as if current.
             assert first.timestamp_s >= restart_wall - 0.5
-            await wait_until(lambda: "online" in [s for _, s, _ in listener.status], 5.0, "online re-announced")
+            await wait_until(
+                lambda: "online" in [s for _, s, _ in listener.status], 5.0, "online re-announced"
+            )
     finally:
         stop.set()
         await task
@@ -166,10 +168,12 @@ async def test_metrics_endpoint_reports_latency_and_failures(
     try:
         await wait_until(lambda: agent.stats.polls >= 3, 5.0, "polls")
         sim.faults.set_exception(2)
-        await wait_until(lambda: agent.units["bms"].health.counts["modbus_exception"] >= 1, 5.0, "an exception")
+        await wait_until(
+            lambda: agent.units["bms"].health.counts["modbus_exception"] >= 1, 5.0, "an exception"
+        )
 
         def fetch() -> str:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:  # noqa: S310
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
                 return r.read().decode()
 
         text = await asyncio.to_thread(fetch)
@@ -186,4 +190,4 @@ async def test_metrics_off_by_default(sim_tcp: tuple[SimulatedBms, dict[str, Any
     agent = RackAgent(agent_config(link))
     assert agent.config.metrics.enabled is False
     agent.metrics.serve(agent.config.metrics)
-    assert agent.metrics._server is None  # noqa: SLF001
+    assert agent.metrics._server is None

@@ -4,19 +4,23 @@ immediate decreases, fail-safe on a core defect, bus-health counting, reload of 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import can
 import pytest
+from pymodbus.client import AsyncModbusTcpClient
 
 from controller import service as service_module
 from controller.frames import FrameDecoder
 from controller.service import ControllerService, must_send_now
+from shared.cluster import ClusterFlags, ConsolidatedState
 from shared.codec import encode
 from shared.config import MqttConfig, validate_config
 from shared.controller_config import ControllerConfig, Dialect
+from shared.models import ProtectionFlags
 from shared.mqtt import MqttSession
 from shared.topics import Topics
 from tests.agent.helpers import wait_until
@@ -56,11 +60,15 @@ class Bus:
 
 
 @pytest.fixture
-async def rig(mqtt_broker: MosquittoBroker, unique_topic_prefix: str) -> AsyncIterator[tuple[ControllerService, Bus, MqttSession, Topics]]:
+async def rig(
+    mqtt_broker: MosquittoBroker, unique_topic_prefix: str
+) -> AsyncIterator[tuple[ControllerService, Bus, MqttSession, Topics]]:
     channel = f"inv-{free_port()}"
     bus = Bus(channel)
     svc = ControllerService(config(mqtt_broker, unique_topic_prefix, channel))
-    pub = MqttSession(MqttConfig(host="127.0.0.1", port=mqtt_broker.port, topic_prefix=unique_topic_prefix), "pub")
+    pub = MqttSession(
+        MqttConfig(host="127.0.0.1", port=mqtt_broker.port, topic_prefix=unique_topic_prefix), "pub"
+    )
     await svc.start()
     await pub.start()
     assert await pub.wait_connected(5)
@@ -91,13 +99,13 @@ async def _feed(pub: MqttSession, topics: Topics, ccl: float, seconds: float, st
 
 
 async def test_heartbeat_comes_from_the_cycle_and_never_stops(rig: Any) -> None:
-    svc, bus, pub, topics = rig
+    _svc, bus, pub, topics = rig
     await _feed(pub, topics, 100.0, 1.5)
     assert bus.ccl() == pytest.approx(200.0)
     # No telemetry at all for a while: frames keep coming every period, and the racks go stale -> 0 A.
     await asyncio.sleep(4.0)
     times = [t for t, _ in bus.limits]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert max(gaps) < 0.2 + 0.1
     assert bus.ccl() == 0.0
 
@@ -142,7 +150,7 @@ async def test_core_defect_gives_zero_current_with_alarm_not_silence(
 
 
 async def test_bus_error_frames_are_counted_and_survived(rig: Any) -> None:
-    svc, bus, pub, topics = rig
+    svc, bus, _pub, _topics = rig
     injector = can.Bus(interface="virtual", channel=svc.config.can.channel)
     try:
         for err_class, data in ((0x40, b""), (0x20, b""), (0x04, bytes([0, 0x20, 0, 0, 0, 0, 0, 0]))):
@@ -160,20 +168,18 @@ async def test_bus_error_frames_are_counted_and_survived(rig: Any) -> None:
 
 async def test_reload_adds_a_rack_without_restart(rig: Any, mqtt_broker: MosquittoBroker,
                                                   unique_topic_prefix: str) -> None:
-    svc, bus, pub, topics = rig
+    svc, _bus, pub, topics = rig
     t = telemetry(rack_id="rack-03", seq=1, measurements=measurements(charge_current_limit_a=50.0))
     pub.publish(topics.rack_telemetry("rack-03"), encode(t))
     await wait_until(lambda: "rack-03" in svc.table.unknown, 2.0, "rack-03 reported as unknown")
-    bigger = svc.config.model_copy(update={"roster": (*svc.config.roster,
-                                                       svc.config.roster[0].model_copy(update={"rack_id": "rack-03"}))})
+    rack_03 = svc.config.roster[0].model_copy(update={"rack_id": "rack-03"})
+    bigger = svc.config.model_copy(update={"roster": (*svc.config.roster, rack_03)})
     svc.reload(bigger)
     assert svc.table.roster == ("rack-01", "rack-02", "rack-03")
     assert "rack-03" not in svc.table.unknown
 
 
 def test_must_send_now_only_for_decreases_and_new_alarms() -> None:
-    from shared.cluster import ClusterFlags, ConsolidatedState
-
     base = ConsolidatedState(site_id="s", node_id="n", timestamp_s=1.0, charge_current_limit_a=100.0,
                              discharge_current_limit_a=100.0, charge_voltage_limit_v=55.0,
                              discharge_voltage_limit_v=46.0, charge_enabled=True, discharge_enabled=True)
@@ -187,8 +193,6 @@ def test_must_send_now_only_for_decreases_and_new_alarms() -> None:
 
 async def test_optional_modbus_view_serves_the_consolidated_state(mqtt_broker: MosquittoBroker,
                                                                    unique_topic_prefix: str) -> None:
-    from pymodbus.client import AsyncModbusTcpClient
-
     port = free_port()
     cfg = config(mqtt_broker, unique_topic_prefix, f"inv-{free_port()}").model_copy(
         update={"modbus_server": {"enabled": True, "host": "127.0.0.1", "port": port}})
@@ -213,8 +217,6 @@ async def test_modbus_view_is_off_by_default(mqtt_broker: MosquittoBroker, uniqu
 
 
 async def test_latched_alarm_needs_the_clear_command(rig: Any) -> None:
-    from shared.models import ProtectionFlags
-
     svc, bus, pub, topics = rig
     seq = await _feed(pub, topics, 100.0, 1.0)
     assert bus.ccl() == pytest.approx(200.0)

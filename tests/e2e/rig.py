@@ -5,6 +5,7 @@ plus a recorder on the CAN bus that decodes every frame the inverter hears."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -67,12 +68,20 @@ class Recorder:
         if not self._decoder.knows(msg.arbitration_id):
             self.foreign.append(msg.arbitration_id)
             return
-        self.samples.append(Sample(time.monotonic(), msg.arbitration_id, self._decoder.decode(msg.arbitration_id, msg.data)))
+        values = self._decoder.decode(msg.arbitration_id, msg.data)
+        self.samples.append(Sample(time.monotonic(), msg.arbitration_id, values))
 
     def limits(self, since: float = 0.0) -> list[tuple[float, float, float, float]]:
         """(t, CCL, DCL, CVL) of every 0x351 since ``since``."""
-        return [(s.t, s.values["ChargeCurrentLimit"], s.values["DischargeCurrentLimit"], s.values["ChargeVoltageLimit"])
-                for s in self.samples if s.arbitration_id == 0x351 and s.t >= since]
+        return [
+            (
+                s.t,
+                s.values["ChargeCurrentLimit"],
+                s.values["DischargeCurrentLimit"],
+                s.values["ChargeVoltageLimit"],
+            )
+            for s in self.samples if s.arbitration_id == 0x351 and s.t >= since
+        ]
 
     def last(self, arbitration_id: int) -> dict[str, float] | None:
         for s in reversed(self.samples):
@@ -103,12 +112,12 @@ class Recorder:
         after the successor's first is one.
         """
         beats = self.active_beats(since)
-        return [(a, b) for a, b in zip(beats, beats[1:], strict=False)
+        return [(a, b) for a, b in itertools.pairwise(beats)
                 if a.node != b.node and b.t - a.t < window_s and a.role != 3]
 
     def max_gap(self, since: float = 0.0) -> float:
         times = [t for t, *_ in self.limits(since)]
-        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
 AGENT_TOML = """\
@@ -211,8 +220,10 @@ class Chain:
             sim.set_current(20.0)
             self.sims.append(sim)
             cfg = self.tmp / f"agent-{i}.toml"
-            cfg.write_text(AGENT_TOML.format(rack=self.rack_id(i), broker=self.broker.port, prefix=self.prefix,
-                                             interval=AGENT_INTERVAL_MS, bms=port))
+            cfg.write_text(AGENT_TOML.format(
+                rack=self.rack_id(i), broker=self.broker.port, prefix=self.prefix,
+                interval=AGENT_INTERVAL_MS, bms=port,
+            ))
             self.procs.start(f"agent-{i}", bmslink_cli("agent", "--config", str(cfg)))
         if self.controllers == 1 and not self.failover:
             self.start_controller("controller")
@@ -220,15 +231,17 @@ class Chain:
             for k in range(self.controllers):
                 self.start_controller(f"ctl-{k + 1}", node_number=k + 1, rank=k)
         self.status_file = self.tmp / "inverter.json"
-        self.procs.start("inverter", bmslink_cli("sim", "inverter", "--interface", "remote", "--channel",
-                                                 self.bridge.channel, "--dialect", "pylon", "--heartbeat-timeout",
-                                                 "2", "--ignore-id", "0x6E0", "--status-file", str(self.status_file)))
+        self.procs.start("inverter", bmslink_cli(
+            "sim", "inverter", "--interface", "remote", "--channel", self.bridge.channel,
+            "--dialect", "pylon", "--heartbeat-timeout", "2", "--ignore-id", "0x6E0",
+            "--status-file", str(self.status_file),
+        ))
         if wait_ready:
             await self.wait_for(lambda: self.recorder.ccl() > 0 or self.recorder.dcl() > 0, 20.0,
                                 "the inverter to be granted current")
 
-    def controller_config(self, name: str, *, node_number: int = 1, rank: int = 0, can_channel: str | None = None,
-                          mqtt_port: int | None = None) -> Path:
+    def controller_config(self, name: str, *, node_number: int = 1, rank: int = 0,
+                          can_channel: str | None = None, mqtt_port: int | None = None) -> Path:
         assert self.bridge is not None
         roster = "\n".join(f'[[roster]]\nrack_id = "{self.rack_id(i)}"\ncapacity_ah = 280\nstale_after_ms = '
                            f'{STALE_AFTER_MS}\n' for i in range(self.racks))
@@ -238,13 +251,15 @@ class Chain:
                         f"heartbeat_period_ms = 100\n")
         path = self.tmp / f"{name}.toml"
         path.write_text(CONTROLLER_TOML.format(
-            node=name, broker=mqtt_port or self.broker.port, prefix=self.prefix, can=can_channel or self.bridge.channel,
+            node=name, broker=mqtt_port or self.broker.port, prefix=self.prefix,
+            can=can_channel or self.bridge.channel,
             heartbeat=HEARTBEAT_MS, min_racks=self.min_racks, hold=self.hold_s, ramp=self.ramp_s,
             ramp_rate=self.ramp_rate, roster=roster, failover=failover))
         return path
 
     def start_controller(self, name: str, **kwargs: Any) -> None:
-        self.procs.start(name, bmslink_cli("controller", "--config", str(self.controller_config(name, **kwargs))))
+        config_path = self.controller_config(name, **kwargs)
+        self.procs.start(name, bmslink_cli("controller", "--config", str(config_path)))
 
     def inverter(self) -> dict[str, Any]:
         try:

@@ -7,6 +7,7 @@ the simulated inverter's own verdict (BMS communication status, protocol violati
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -82,9 +83,11 @@ async def test_open_contactor_excludes_the_rack(chain: Chain) -> None:
     assert at - opened < 1.0  # a decrease is sent at once, not at the next heartbeat
     chain.sims[2].faults.close_contactor()
     # Re-admitted after its hold time, ramping in: never a step back up to 3 racks.
-    back = await chain.wait_for(lambda: abs(chain.recorder.ccl() - 3 * SIM_MAX_A) < 0.2, 15.0, "CCL for 3 racks")
+    back = await chain.wait_for(
+        lambda: abs(chain.recorder.ccl() - 3 * SIM_MAX_A) < 0.2, 15.0, "CCL for 3 racks"
+    )
     ramp = [ccl for t, ccl, _, _ in chain.recorder.limits(at) if t <= back]
-    steps = [b - a for a, b in zip(ramp, ramp[1:], strict=False)]
+    steps = [b - a for a, b in itertools.pairwise(ramp)]
     assert max(steps) < SIM_MAX_A * 0.9, steps
 
 
@@ -93,7 +96,9 @@ async def test_stale_rack_is_excluded_within_stale_after_plus_a_period(chain: Ch
     chain.procs.send_signal("agent-0", signal.SIGSTOP)  # hangs: no telemetry, no Last Will yet
     frozen = time.monotonic()
     try:
-        at = await chain.wait_for(lambda: abs(chain.recorder.ccl() - 2 * SIM_MAX_A) < 0.2, 5.0, "CCL for 2 racks")
+        at = await chain.wait_for(
+            lambda: abs(chain.recorder.ccl() - 2 * SIM_MAX_A) < 0.2, 5.0, "CCL for 2 racks"
+        )
         assert at - frozen <= STALE_AFTER_MS / 1000.0 + PERIOD_S + 0.5
     finally:
         chain.procs.send_signal("agent-0", signal.SIGCONT)
@@ -119,7 +124,9 @@ async def test_all_racks_lost_gives_zero_limits_with_alarm_and_frames_never_stop
     for i in range(3):
         chain.procs.send_signal(f"agent-{i}", signal.SIGKILL)
     lost = time.monotonic()
-    await chain.wait_for(lambda: chain.recorder.ccl() == 0.0 and chain.recorder.dcl() == 0.0, 5.0, "zero limits")
+    await chain.wait_for(
+        lambda: chain.recorder.ccl() == 0.0 and chain.recorder.dcl() == 0.0, 5.0, "zero limits"
+    )
     await asyncio.sleep(2.0)
     after = chain.recorder.limits(lost)
     assert after and all(t for t, *_ in after)
@@ -166,8 +173,10 @@ async def test_invalid_telemetry_excludes_the_rack(chain: Chain) -> None:
 async def test_unknown_rack_is_never_counted(chain: Chain) -> None:
     before = await chain.settle()
     async with Publisher(chain.broker, chain.prefix) as rogue:
-        generous = telemetry(site_id="site-e", rack_id="rack-99",
-                             measurements=measurements(charge_current_limit_a=5000.0, discharge_current_limit_a=5000.0))
+        generous = telemetry(
+            site_id="site-e", rack_id="rack-99",
+            measurements=measurements(charge_current_limit_a=5000.0, discharge_current_limit_a=5000.0),
+        )
         for _ in range(10):
             rogue.session.publish(rogue.topics.rack_telemetry("rack-99"), encode(generous))
             await asyncio.sleep(0.1)
@@ -189,7 +198,9 @@ async def test_broker_restart_fail_safe_while_away_then_recovery(
         await asyncio.sleep(1.0)
         assert c.recorder.max_gap(gone) <= PERIOD_S + 0.25
         await asyncio.to_thread(private_broker.restart)
-        await c.wait_for(lambda: abs(c.recorder.ccl() - 3 * SIM_MAX_A) < 0.2, 20.0, "recovery after the broker")
+        await c.wait_for(
+            lambda: abs(c.recorder.ccl() - 3 * SIM_MAX_A) < 0.2, 20.0, "recovery after the broker"
+        )
         assert c.recorder.max_gap(gone) <= PERIOD_S + 0.25
     finally:
         await c.stop()

@@ -61,7 +61,9 @@ async def _takeover(pair: Chain, sig: signal.Signals) -> tuple[float, float, int
     assert old is not None
     killed = time.monotonic()
     pair.procs.send_signal(_name(old), sig)
-    at = await pair.wait_for(lambda: pair.recorder.active_node() not in (None, old), 5.0, "the standby's takeover")
+    at = await pair.wait_for(
+        lambda: pair.recorder.active_node() not in (None, old), 5.0, "the standby's takeover"
+    )
     new_first = next(b for b in pair.recorder.active_beats(killed) if b.node != old)
     await asyncio.sleep(1.0)
     assert at >= new_first.t

@@ -7,6 +7,7 @@ import asyncio
 import time
 from typing import Any
 
+import can
 import pytest
 
 from controller.failover import Role
@@ -54,7 +55,7 @@ async def test_one_active_and_takeover_when_it_stops(mqtt_broker: MosquittoBroke
         assert standby.roles is not None and standby.roles.epoch >= 2
     finally:
         for svc in (a, b):
-            if svc._tasks:  # noqa: SLF001 - stopped above, or still running
+            if svc._tasks:  # stopped above, or still running
                 await svc.stop()
 
 
@@ -66,10 +67,27 @@ async def test_resumed_stall_fences_instead_of_transmitting(mqtt_broker: Mosquit
     try:
         await wait_until(lambda: svc.role is Role.ACTIVE, 3.0, "active")
         sent = svc.stats.sets_sent
-        time.sleep(0.4)  # noqa: ASYNC251 - deliberately block the loop: a stall as seen from inside
+        time.sleep(0.4)  # deliberately block the loop: a stall as seen from inside
         svc.cycle(heartbeat_due=True)  # the first thing after the stall tries to transmit
         assert svc.role is Role.FENCED
         assert svc.stats.sets_sent == sent
         assert svc.stats.sends_refused >= 1
     finally:
+        await svc.stop()
+
+
+async def test_garbled_heartbeat_is_counted_not_fatal(mqtt_broker: MosquittoBroker,
+                                                      unique_topic_prefix: str) -> None:
+    channel = f"fo-{free_port()}"
+    svc = ControllerService(cfg(mqtt_broker, unique_topic_prefix, channel, 1))
+    await svc.start()
+    injector = can.Bus(interface="virtual", channel=channel)
+    try:
+        injector.send(can.Message(arbitration_id=0x6E0, data=b"\x01", is_extended_id=False))  # short
+        injector.send(can.Message(arbitration_id=0x6E0, data=bytes([2, 0x09, 0, 0, 0, 0, 0, 0]),
+                                  is_extended_id=False))  # role 9 does not exist
+        await wait_until(lambda: svc.can.counters["bad_heartbeats"] == 2, 2.0, "two bad heartbeats counted")
+        await wait_until(lambda: svc.role is Role.ACTIVE, 3.0, "still taking the role on an empty bus")
+    finally:
+        injector.shutdown()
         await svc.stop()
