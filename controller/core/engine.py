@@ -36,14 +36,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import attrgetter
 from types import MappingProxyType
+from typing import NamedTuple
 
 from controller.core.admission import Admission, admit, fully_admitted, quorum_shortfall
 from controller.core.bounds import amps_down, current_down_da, voltage_limits_dv
 from controller.core.classify import Reading, classify, read_rack, stale_after_s
 from controller.core.derates import Derate, DerateMemory, derate_rack
-from controller.core.faults import Block, Direction, Latch, blocks, direction_of, latched_flags, update_latches
-from controller.core.policies import Member, Pick, Population, table
+from controller.core.faults import (
+    Block,
+    Direction,
+    Latch,
+    blocks,
+    direction_of,
+    latched_flags,
+    update_latches,
+)
+from controller.core.policies import Member, Members, Pick, Population, table
 from controller.core.provenance import limit_reason, rack_reason
 from controller.core.slew import slew
 from controller.core.snapshot import RackInput, Snapshot
@@ -88,7 +99,7 @@ class CoreMemory:
     last_dvl_v: float | None = None
     racks: Mapping[str, RackMemory] = field(default_factory=_no_racks)
     # Last cycle's per-rack outcomes, reused for racks whose inputs did not change (see
-    # ``_reusable``). Derived data only: never compared, so a memory with or without it is equal.
+    # ``_Entry``). Derived data only: never compared, so a memory with or without it is equal.
     cache: StepCache | None = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -97,9 +108,9 @@ class CoreMemory:
         return cls()
 
 
-@dataclass(frozen=True, slots=True)
-class _Rack:
-    """One roster rack's outcome of step 1."""
+class _Rack(NamedTuple):
+    """One roster rack's outcome of step 1 (a NamedTuple: made for every changed rack, and a
+    frozen dataclass costs three times as much to build)."""
 
     rack_id: str
     reading: Reading
@@ -147,14 +158,24 @@ def _rack_cycle(
     return _Rack(roster_rack.rack_id, reading, state, state_reason, admission, derate, member, memory)
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """One rack's outcome of a cycle, and what it takes for the next cycle to reuse it.
+class _Entry(NamedTuple):
+    """One rack's outcome of a cycle, and what the next cycle checks before reusing it.
 
     ``given`` is the snapshot's own ``RackInput`` object (None: the rack was absent); inputs are
-    immutable, so the same object means the same input. ``fresh_received_s`` is set when the
-    rack was judged fresh on telemetry of that age, ``ok_since_s`` when it had its full share:
-    both are re-checked against ``now_s`` with the arithmetic of ``read_rack`` and ``admit``.
+    immutable, so the same object means the same input. With the same input and the memory
+    this outcome produced, every step of the rack cycle is idempotent (latches, the play
+    operators, a full admission), so only time can change the outcome, through three
+    thresholds, each re-checked with the arithmetic of the step it belongs to:
+
+    - ``fresh_received_s``/``stale_limit_s``: the rack was judged on telemetry of that age
+      (``read_rack``: stale when ``now - received > limit``; the limit is at least 1 s);
+    - ``ok_since_s``: the rack had its full share at ``full_at_s`` (``admission.fully_admitted``,
+      which only turns from False to True as time goes on: re-checked only for an earlier now);
+    - ``oldest_sample_s``: no thermal sample may leave the window (``derates._window``), as
+      that moves the slope.
+
+    ``reusable`` is False when the outcome moves with time alone: a stale rack's reason states
+    its age, a rack in its hold or ramp changes share.
     """
 
     given: RackInput | None
@@ -162,34 +183,51 @@ class _Entry:
     view: RackView
     charge_blocks: tuple[Block, ...]
     discharge_blocks: tuple[Block, ...]
-    reusable: bool  # False when the outcome moves with time alone (a stale age, a hold, a ramp)
-    fresh_received_s: float | None = None
-    stale_limit_s: float = 0.0
-    ok_since_s: float | None = None
+    reusable: bool
+    fresh_received_s: float | None
+    stale_limit_s: float
+    ok_since_s: float | None
+    full_at_s: float
+    oldest_sample_s: float | None
+    parallel_member: Member | None  # the rack's member when it is in parallel (state ok)
+
+
+_RACK = attrgetter("rack")
+_RACK_MEMORY = attrgetter("rack.memory")
+_PARALLEL_MEMBER = attrgetter("parallel_member")
+_MEMBER = attrgetter("member")
+_ELIGIBLE = attrgetter("admission.eligible")
+_CHARGE_BLOCKS = attrgetter("charge_blocks")
+_DISCHARGE_BLOCKS = attrgetter("discharge_blocks")
+_VIEW = attrgetter("view")
 
 
 @dataclass(frozen=True, slots=True)
 class StepCache:
-    """Per-rack outcomes of one cycle, valid for the same ``config`` object and clear command."""
+    """Per-rack outcomes of one cycle: valid with the same ``config`` object and clear command, and
+    with the rack memories they produced (``racks`` is that mapping, checked by identity)."""
 
     config: ControllerConfig
     clear_command_s: float | None
+    racks: Mapping[str, RackMemory]
     entries: Mapping[str, _Entry]
 
 
-def _entry(rack: _Rack, given: RackInput | None, roster_rack: RosterRack, agg: AggregationConfig) -> _Entry:
+def _entry(
+    rack: _Rack, given: RackInput | None, roster_rack: RosterRack, now_s: float, previous: _Entry | None
+) -> _Entry:
     latches = ((rack.rack_id, rack.memory.latches),) if rack.memory.latches else ()
     charge_blocks = blocks(latches, Direction.CHARGE)
     discharge_blocks = blocks(latches, Direction.DISCHARGE)
-    view = _view(rack, charge_blocks, discharge_blocks, blocks(latches, Direction.REPORT))
+    view = _view(rack, charge_blocks, discharge_blocks, blocks(latches, Direction.REPORT),
+                 previous.view if previous is not None else None)
+    reusable = True
+    fresh_received_s, stale_limit_s = None, 0.0
     telemetry = given.telemetry if given is not None else None
     received_s = given.received_s if given is not None else None
-    fresh_received_s = None
-    stale_limit_s = 0.0
-    reusable = True
     if telemetry is not None and received_s is not None:
         if rack.reading.link_state is RackState.STALE:
-            reusable = False  # its reason carries the age
+            reusable = False
         else:
             fresh_received_s, stale_limit_s = received_s, stale_after_s(roster_rack, telemetry)
     ok_since_s = None
@@ -198,29 +236,12 @@ def _entry(rack: _Rack, given: RackInput | None, roster_rack: RosterRack, agg: A
         if a.eligible and a.share == 1.0 and not a.note and a.ok_since_s is not None:
             ok_since_s = a.ok_since_s
         else:
-            reusable = False  # in its hold or ramp: share and note move with time
+            reusable = False
+    samples = rack.memory.derate.samples
+    oldest_sample_s = samples[0][0] if samples else None
+    parallel_member = rack.member if rack.state is RackState.OK else None
     return _Entry(given, rack, view, charge_blocks, discharge_blocks, reusable, fresh_received_s,
-                  stale_limit_s, ok_since_s)
-
-
-def _reusable(entry: _Entry, previous: RackMemory | None, now_s: float, agg: AggregationConfig) -> bool:
-    """Whether ``_rack_cycle`` at ``now_s`` would give ``entry.rack`` again (same input assumed).
-
-    It would when the rack's memory is the one that outcome produced and no time threshold was
-    crossed since: every step of the rack cycle is then idempotent (latches, the play operators,
-    the admission of a fully admitted rack). Checked: staleness, full admission, and that no
-    thermal sample has left the window (which would move the slope).
-    """
-    if not entry.reusable or entry.rack.memory is not previous:
-        return False
-    if entry.fresh_received_s is not None and max(0.0, now_s - entry.fresh_received_s) > entry.stale_limit_s:
-        return False
-    if entry.ok_since_s is not None and not fully_admitted(
-        entry.ok_since_s, now_s, agg.readmit_hold_s, agg.readmit_ramp_s
-    ):
-        return False
-    samples = entry.rack.memory.derate.samples
-    return not samples or samples[0][0] >= now_s - agg.thermal_derate.window_s
+                  stale_limit_s, ok_since_s, now_s, oldest_sample_s, parallel_member)
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,40 +370,63 @@ def step(
     """Compute this cycle's consolidated battery from ``snapshot`` and the previous ``memory``."""
     agg = config.aggregation
     elapsed_s = 0.0 if memory.last_now_s is None else max(0.0, now_s - memory.last_now_s)
-    roster_ids = {r.rack_id for r in config.roster}
 
     cache = memory.cache
-    reuse = cache is not None and cache.config is config and cache.clear_command_s == snapshot.clear_command_s
-    previous_entries = cache.entries if cache is not None and reuse else {}
+    previous_entries: Mapping[str, _Entry] = {}
+    if (
+        cache is not None
+        and cache.config is config
+        and cache.racks is memory.racks
+        and cache.clear_command_s == snapshot.clear_command_s
+    ):
+        previous_entries = cache.entries
+    hold_s, ramp_s = agg.readmit_hold_s, agg.readmit_ramp_s
+    window_start_s = now_s - agg.thermal_derate.window_s
     entries: dict[str, _Entry] = {}
     for rr in config.roster:
         rack_id = rr.rack_id
         given = snapshot.racks.get(rack_id)
-        previous = memory.racks.get(rack_id)
         entry = previous_entries.get(rack_id)
-        if entry is None or entry.given is not given or not _reusable(entry, previous, now_s, agg):
+        # Reuse last cycle's outcome when nothing it depends on changed (see _Entry); the
+        # comparisons are those of read_rack, admit and _window, NaN included.
+        if (
+            entry is None
+            or entry.given is not given
+            or not entry.reusable
+            or (entry.fresh_received_s is not None and now_s - entry.fresh_received_s > entry.stale_limit_s)
+            or (
+                entry.ok_since_s is not None
+                and now_s < entry.full_at_s
+                and not fully_admitted(entry.ok_since_s, now_s, hold_s, ramp_s)
+            )
+            or (entry.oldest_sample_s is not None and not entry.oldest_sample_s >= window_start_s)
+        ):
             rack = _rack_cycle(
                 roster_rack=rr,
                 rack_input=given or RackInput(rack_id),
                 snapshot=snapshot,
                 config=config,
                 now_s=now_s,
-                previous=previous or RackMemory(),
+                previous=memory.racks.get(rack_id) or RackMemory(),
             )
-            entry = _entry(rack, given, rr, agg)
+            entry = _entry(rack, given, rr, now_s, entry)
         entries[rack_id] = entry
-    racks = [e.rack for e in entries.values()]
-    populations: dict[Population, list[Member]] = {
-        Population.PARALLEL: [r.member for r in racks if r.state is RackState.OK and r.member is not None],
-        Population.REPORTING: [r.member for r in racks if r.member is not None],
+    # The per-cycle passes over all racks run in C (map/filter over getters): at a thousand racks
+    # they are most of a cycle in which few racks changed.
+    outcomes = tuple(entries.values())
+    racks = list(map(_RACK, outcomes))
+    populations: dict[Population, Members] = {
+        # Parallel: ok racks (which always carry a member); reporting: every rack with a member.
+        Population.PARALLEL: Members(list(filter(None, map(_PARALLEL_MEMBER, outcomes)))),
+        Population.REPORTING: Members(list(filter(None, map(_MEMBER, racks)))),
     }
     picks = {name: rule.combine(populations[rule.population]) for name, rule in table(agg).items()}
-    eligible = sum(1 for r in racks if r.admission.eligible)
+    eligible = sum(map(_ELIGIBLE, racks))
 
     # Racks with nothing latched add nothing to the blocks nor to the latched set.
     latches_by_rack = [(r.rack_id, r.memory.latches) for r in racks if r.memory.latches]
-    charge_blocks = tuple(b for e in entries.values() for b in e.charge_blocks)
-    discharge_blocks = tuple(b for e in entries.values() for b in e.discharge_blocks)
+    charge_blocks = tuple(chain.from_iterable(map(_CHARGE_BLOCKS, outcomes)))
+    discharge_blocks = tuple(chain.from_iterable(map(_DISCHARGE_BLOCKS, outcomes)))
     shortfall = quorum_shortfall(eligible, agg.min_racks)
     quorum_reasons = [shortfall] if shortfall else []
 
@@ -414,10 +458,8 @@ def step(
     latched = {flag for _, latches in latches_by_rack for flag in latches}
     raised = _flags(picks["alarms"]).union(latched_flags(latched))
     alarms, demoted = split_by_effect(raised, charge_zero=ccl.out_a == 0.0, discharge_zero=dcl.out_a == 0.0)
-    unknown = tuple(
-        dict.fromkeys((*snapshot.unknown_racks, *sorted(k for k in snapshot.racks if k not in roster_ids)))
-    )
-    views = tuple(e.view for e in entries.values())
+    unknown = tuple(dict.fromkeys((*snapshot.unknown_racks, *sorted(snapshot.racks.keys() - entries.keys()))))
+    views = tuple(map(_VIEW, outcomes))
 
     def place(name: str) -> str:
         pick = picks[name]
@@ -463,14 +505,15 @@ def step(
         racks=views,
         unknown_racks=unknown,
     )
+    rack_memories = MappingProxyType(dict(zip(entries, map(_RACK_MEMORY, outcomes), strict=True)))
     next_memory = CoreMemory(
         last_now_s=now_s,
         charge_limit_a=ccl.slewed_a,
         discharge_limit_a=dcl.slewed_a,
         last_pack_voltage_v=pack_voltage_v,
         last_dvl_v=volts.dvl_from_racks_v if volts.dvl_from_racks_v is not None else memory.last_dvl_v,
-        racks=MappingProxyType({r.rack_id: r.memory for r in racks}),
-        cache=StepCache(config, snapshot.clear_command_s, MappingProxyType(entries)),
+        racks=rack_memories,
+        cache=StepCache(config, snapshot.clear_command_s, rack_memories, entries),
     )
     return state, next_memory
 
@@ -484,24 +527,44 @@ def _view(
     charge_blocks: tuple[Block, ...],
     discharge_blocks: tuple[Block, ...],
     report_blocks: tuple[Block, ...],
+    previous: RackView | None = None,
 ) -> RackView:
-    """The rack's line in the consolidated state; the blocks are this rack's own."""
+    """The rack's line in the consolidated state; the blocks are this rack's own.
+
+    ``previous`` (last cycle's view of the rack) is returned when every field is the same: a
+    new payload usually changes nothing a view shows, and a view costs a pydantic validation.
+    """
     in_parallel = rack.state is RackState.OK and rack.member is not None
     member = rack.member if in_parallel else None
+    state, admission = rack.state, rack.admission
+    charge_a = amps_down(member.charge_limit_a) if member else 0.0
+    discharge_a = amps_down(member.discharge_limit_a) if member else 0.0
+    reason = rack_reason(
+        rack.state_reason,
+        admission_note=admission.note,
+        charge_blocks=charge_blocks,
+        discharge_blocks=discharge_blocks,
+        reported=report_blocks,
+        charge_notes=rack.derate.charge_notes if member else (),
+        discharge_notes=rack.derate.discharge_notes if member else (),
+    )
+    if (
+        previous is not None
+        and previous.rack_id == rack.rack_id
+        and previous.state is state
+        and previous.eligible is admission.eligible
+        and previous.share == admission.share
+        and previous.charge_current_limit_a == charge_a
+        and previous.discharge_current_limit_a == discharge_a
+        and previous.reason == reason
+    ):
+        return previous
     return RackView(
         rack_id=rack.rack_id,
-        state=rack.state,
-        eligible=rack.admission.eligible,
-        share=rack.admission.share,
-        charge_current_limit_a=amps_down(member.charge_limit_a) if member else 0.0,
-        discharge_current_limit_a=amps_down(member.discharge_limit_a) if member else 0.0,
-        reason=rack_reason(
-            rack.state_reason,
-            admission_note=rack.admission.note,
-            charge_blocks=charge_blocks,
-            discharge_blocks=discharge_blocks,
-            reported=report_blocks,
-            charge_notes=rack.derate.charge_notes if member else (),
-            discharge_notes=rack.derate.discharge_notes if member else (),
-        ),
+        state=state,
+        eligible=admission.eligible,
+        share=admission.share,
+        charge_current_limit_a=charge_a,
+        discharge_current_limit_a=discharge_a,
+        reason=reason,
     )

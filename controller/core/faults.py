@@ -106,7 +106,10 @@ def raised_names(flags: ProtectionFlags) -> tuple[str, ...]:
     A frozen ``extra="forbid"`` model keeps exactly its fields, in declaration order, in
     ``__dict__``; ``tests/controller/core/test_cache.py`` checks the two agree on every flag set.
     """
-    return tuple(name for name, value in flags.__dict__.items() if value)
+    values = flags.__dict__
+    if not any(values.values()):
+        return ()
+    return tuple(name for name, value in values.items() if value)
 
 
 def update_latches(

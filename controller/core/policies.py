@@ -44,9 +44,12 @@ An empty population gives no value (None); the engine then applies its own fallb
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import chain
+from operator import attrgetter
 from types import MappingProxyType
 from typing import Final
 
@@ -63,6 +66,28 @@ class Population(StrEnum):
     REPORTING = "reporting"
 
 
+# The numbers the rows read, one column each (see ``Members.column``). A member derives its
+# row once, when it is made; a cycle then reads a thousand racks' values without touching them.
+COLUMNS: Final[tuple[str, ...]] = (
+    "charge_limit_a",
+    "discharge_limit_a",
+    "share",
+    "capacity_ah",
+    "charge_voltage_limit_v",
+    "discharge_voltage_limit_v",
+    "soc_pct",
+    "soh_pct",
+    "pack_voltage_v",
+    "current_a",
+    "temperature_avg_c",  # (max + min) / 2 of the rack
+    "cell_voltage_max_v",
+    "cell_voltage_min_v",
+    "temperature_max_c",
+    "temperature_min_c",
+)
+_COLUMN_INDEX: Final[Mapping[str, int]] = MappingProxyType({name: i for i, name in enumerate(COLUMNS)})
+
+
 @dataclass(frozen=True, slots=True)
 class Member:
     """One rack as the table sees it: its telemetry, its roster capacity, share and derated limits."""
@@ -75,6 +100,62 @@ class Member:
     discharge_limit_a: float = 0.0
     charge_notes: tuple[str, ...] = ()
     discharge_notes: tuple[str, ...] = ()
+    # Derived once per member: its value of every ``COLUMNS`` entry, and the names of its raised
+    # alarms and warnings (pydantic's iteration is too slow to run over every rack every cycle).
+    numbers: tuple[float, ...] = field(init=False)
+    alarm_names: tuple[str, ...] = field(init=False)
+    warning_names: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        m = self.measurements
+        numbers = (
+            self.charge_limit_a,
+            self.discharge_limit_a,
+            self.share,
+            self.capacity_ah,
+            m.charge_voltage_limit_v,
+            m.discharge_voltage_limit_v,
+            m.soc_pct,
+            m.soh_pct,
+            m.pack_voltage_v,
+            m.current_a,
+            (m.temperature_max_c + m.temperature_min_c) / 2,
+            m.cell_voltage_max_v,
+            m.cell_voltage_min_v,
+            m.temperature_max_c,
+            m.temperature_min_c,
+        )
+        object.__setattr__(self, "numbers", numbers)
+        object.__setattr__(self, "alarm_names", raised_names(m.alarms))
+        object.__setattr__(self, "warning_names", raised_names(m.warnings))
+
+
+_NUMBERS = attrgetter("numbers")
+
+
+class Members:
+    """One population of one cycle: its members in roster order, and their values by column.
+
+    The columns are made on first use, all at once (one transposition in C), and shared by
+    every row that reads this population.
+    """
+
+    __slots__ = ("_columns", "members")
+
+    def __init__(self, members: Sequence[Member]) -> None:
+        self.members = members
+        self._columns: tuple[tuple[float, ...], ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def column(self, name: str) -> tuple[float, ...]:
+        """``name`` (one of ``COLUMNS``) of every member, in roster order."""
+        if self._columns is None:
+            self._columns = tuple(zip(*map(_NUMBERS, self.members), strict=True)) if self.members else ()
+        if not self._columns:
+            return ()
+        return self._columns[_COLUMN_INDEX[name]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +174,7 @@ class Pick:
     flags: ProtectionFlags = field(default_factory=ProtectionFlags)
 
 
-Combine = Callable[[Sequence[Member]], Pick | None]
+Combine = Callable[[Members], Pick | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +185,10 @@ class Rule:
 
 @dataclass(frozen=True, slots=True)
 class Side:
-    """One current direction: which limit, notes and reported value of a member it reads."""
+    """One current direction: which limit (and its column), notes and reported value of a member it reads."""
 
     label: str
+    column: str
     limit: Callable[[Member], float]
     notes: Callable[[Member], tuple[str, ...]]
     reported: Callable[[Member], float]
@@ -114,16 +196,29 @@ class Side:
 
 CHARGE: Final = Side(
     "charge",
+    "charge_limit_a",
     lambda m: m.charge_limit_a,
     lambda m: m.charge_notes,
     lambda m: m.measurements.charge_current_limit_a,
 )
 DISCHARGE: Final = Side(
     "discharge",
+    "discharge_limit_a",
     lambda m: m.discharge_limit_a,
     lambda m: m.discharge_notes,
     lambda m: m.measurements.discharge_current_limit_a,
 )
+
+# The extremes take the first member (roster order) among equals, as min()/max() with a key
+# would. Values are finite (the contract rejects NaN), so index(min(values)) is that member.
+
+
+def _first_lowest(values: Sequence[float]) -> int:
+    return values.index(min(values))
+
+
+def _first_highest(values: Sequence[float]) -> int:
+    return values.index(max(values))
 
 
 def rack_term(member: Member, side: Side) -> str:
@@ -133,39 +228,45 @@ def rack_term(member: Member, side: Side) -> str:
     return f"{member.rack_id} {side.limit(member):.1f} A{extra}"
 
 
-def _shares_term(members: Sequence[Member]) -> str:
+def _shares_term(population: Members) -> str:
     """How Σ share came about: ``"4 eligible"`` or ``"2.40 (2 full, r3 ramping 0.40, r4 in hold)"``."""
-    full = sum(1 for m in members if m.share >= 1.0)
-    partial = [m for m in members if m.share < 1.0]
-    if not partial:
-        return f"{full} eligible"
-    parts = [f"{full} full"] + [
+    shares = population.column("share")
+    if min(shares) >= 1.0:
+        return f"{len(shares)} eligible"
+    partial = [m for m in population.members if m.share < 1.0]
+    parts = [f"{len(shares) - len(partial)} full"] + [
         f"{m.rack_id} ramping {m.share:.2f}" if m.share > 0.0 else f"{m.rack_id} in hold" for m in partial
     ]
-    return f"{sum(m.share for m in members):.2f} ({', '.join(parts)})"
+    return f"{sum(shares):.2f} ({', '.join(parts)})"
 
 
-def _n_times_min(side: Side, members: Sequence[Member]) -> Pick:
-    weakest = min(members, key=side.limit)
-    shares = sum(m.share for m in members)
-    detail = f"{rack_term(weakest, side)} × {_shares_term(members)}"
-    return Pick(side.limit(weakest) * shares, weakest.rack_id, detail=detail)
+def _n_times_min(side: Side, population: Members) -> Pick:
+    limits = population.column(side.column)
+    i = _first_lowest(limits)
+    weakest = population.members[i]
+    shares = sum(population.column("share"))
+    detail = f"{rack_term(weakest, side)} × {_shares_term(population)}"
+    return Pick(limits[i] * shares, weakest.rack_id, detail=detail)
 
 
-def _sum(side: Side, members: Sequence[Member]) -> Pick:
+def _sum(side: Side, population: Members) -> Pick:
+    members = population.members
     terms = [rack_term(m, side) + (f" × {m.share:.2f}" if m.share < 1.0 else "") for m in members]
-    return Pick(sum(side.limit(m) * m.share for m in members), detail="sum of " + " + ".join(terms))
+    value = sum(map(operator.mul, population.column(side.column), population.column("share")))
+    return Pick(value, detail="sum of " + " + ".join(terms))
 
 
-def _min(side: Side, members: Sequence[Member]) -> Pick:
-    weakest = min(members, key=side.limit)
-    scale = min(1.0, sum(m.share for m in members))
-    scaled = f" × {_shares_term(members)}" if scale < 1.0 else ""
+def _min(side: Side, population: Members) -> Pick:
+    limits = population.column(side.column)
+    i = _first_lowest(limits)
+    weakest = population.members[i]
+    scale = min(1.0, sum(population.column("share")))
+    scaled = f" × {_shares_term(population)}" if scale < 1.0 else ""
     detail = f"min {rack_term(weakest, side)}{scaled}"
-    return Pick(side.limit(weakest) * scale, weakest.rack_id, detail=detail)
+    return Pick(limits[i] * scale, weakest.rack_id, detail=detail)
 
 
-CURRENT_POLICIES: Final[Mapping[CurrentPolicy, Callable[[Side, Sequence[Member]], Pick]]] = MappingProxyType(
+CURRENT_POLICIES: Final[Mapping[CurrentPolicy, Callable[[Side, Members], Pick]]] = MappingProxyType(
     {
         CurrentPolicy.N_TIMES_MIN: _n_times_min,
         CurrentPolicy.SUM: _sum,
@@ -177,24 +278,25 @@ CURRENT_POLICIES: Final[Mapping[CurrentPolicy, Callable[[Side, Sequence[Member]]
 def current_limit(policy: CurrentPolicy, side: Side) -> Combine:
     """The CCL or DCL row: the zero-limit rule first, whatever the policy, then the policy."""
 
-    def combine(members: Sequence[Member]) -> Pick | None:
-        if not members:
+    def combine(population: Members) -> Pick | None:
+        if not population:
             return None
-        for m in members:
-            if side.limit(m) <= 0.0:
-                contactor = m.measurements.contactor.value
-                return Pick(
-                    0.0,
-                    m.rack_id,
-                    detail=f"{rack_term(m, side)} with contactor {contactor}",
-                    forced_zero=True,
-                )
-        return CURRENT_POLICIES[policy](side, members)
+        limits = population.column(side.column)
+        if min(limits) <= 0.0:
+            m = population.members[next(i for i, limit in enumerate(limits) if limit <= 0.0)]
+            contactor = m.measurements.contactor.value
+            return Pick(
+                0.0,
+                m.rack_id,
+                detail=f"{rack_term(m, side)} with contactor {contactor}",
+                forced_zero=True,
+            )
+        return CURRENT_POLICIES[policy](side, population)
 
     return combine
 
 
-Number = Callable[[RackMeasurements], float]
+Location = Callable[[RackMeasurements], str]
 
 
 def _place(member: Member, location: str) -> str:
@@ -202,59 +304,66 @@ def _place(member: Member, location: str) -> str:
     return text[:LOCATION_MAX_LEN]
 
 
-def lowest(number: Number, location: Callable[[RackMeasurements], str] | None = None) -> Combine:
-    def combine(members: Sequence[Member]) -> Pick | None:
-        if not members:
+def lowest(column: str, location: Location | None = None) -> Combine:
+    def combine(population: Members) -> Pick | None:
+        if not population:
             return None
-        m = min(members, key=lambda x: number(x.measurements))
+        values = population.column(column)
+        i = _first_lowest(values)
+        m = population.members[i]
         where = _place(m, location(m.measurements)) if location else ""
-        return Pick(number(m.measurements), m.rack_id, where)
+        return Pick(values[i], m.rack_id, where)
 
     return combine
 
 
-def highest(number: Number, location: Callable[[RackMeasurements], str] | None = None) -> Combine:
-    def combine(members: Sequence[Member]) -> Pick | None:
-        if not members:
+def highest(column: str, location: Location | None = None) -> Combine:
+    def combine(population: Members) -> Pick | None:
+        if not population:
             return None
-        m = max(members, key=lambda x: number(x.measurements))
+        values = population.column(column)
+        i = _first_highest(values)
+        m = population.members[i]
         where = _place(m, location(m.measurements)) if location else ""
-        return Pick(number(m.measurements), m.rack_id, where)
+        return Pick(values[i], m.rack_id, where)
 
     return combine
 
 
-def mean(number: Number) -> Combine:
-    def combine(members: Sequence[Member]) -> Pick | None:
-        if not members:
+def mean(column: str) -> Combine:
+    def combine(population: Members) -> Pick | None:
+        if not population:
             return None
-        return Pick(sum(number(m.measurements) for m in members) / len(members))
+        return Pick(sum(population.column(column)) / len(population))
 
     return combine
 
 
-def total(number: Callable[[Member], float]) -> Combine:
-    def combine(members: Sequence[Member]) -> Pick | None:
-        if not members:
+def total(column: str) -> Combine:
+    def combine(population: Members) -> Pick | None:
+        if not population:
             return None
-        return Pick(sum(number(m) for m in members))
+        return Pick(sum(population.column(column)))
 
     return combine
 
 
-def capacity_weighted(number: Number) -> Combine:
-    def combine(members: Sequence[Member]) -> Pick | None:
-        capacity = sum(m.capacity_ah for m in members)
-        if not members or capacity <= 0.0:
+def capacity_weighted(column: str) -> Combine:
+    def combine(population: Members) -> Pick | None:
+        capacities = population.column("capacity_ah")
+        capacity = sum(capacities)
+        if not population or capacity <= 0.0:
             return None
-        return Pick(sum(number(m.measurements) * m.capacity_ah for m in members) / capacity)
+        return Pick(sum(map(operator.mul, population.column(column), capacities)) / capacity)
 
     return combine
 
 
-def any_of(flags: Callable[[RackMeasurements], ProtectionFlags]) -> Combine:
-    def combine(members: Sequence[Member]) -> Pick | None:
-        raised = {name for m in members for name in raised_names(flags(m.measurements))}
+def any_of(names: Callable[[Member], tuple[str, ...]]) -> Combine:
+    """OR of a flag set over the members; ``names`` gives a member's raised flag names."""
+
+    def combine(population: Members) -> Pick | None:
+        raised = set(chain.from_iterable(map(names, population.members)))
         return Pick(flags=ProtectionFlags(**dict.fromkeys(raised, True)))
 
     return combine
@@ -265,28 +374,28 @@ PARALLEL, REPORTING = Population.PARALLEL, Population.REPORTING
 # Rows that do not depend on the configuration; ``table()`` adds the CCL/DCL rows.
 FIXED_ROWS: Final[Mapping[str, Rule]] = MappingProxyType(
     {
-        "charge_voltage_limit_v": Rule(PARALLEL, lowest(lambda m: m.charge_voltage_limit_v)),
-        "discharge_voltage_limit_v": Rule(PARALLEL, highest(lambda m: m.discharge_voltage_limit_v)),
-        "soc_pct": Rule(PARALLEL, capacity_weighted(lambda m: m.soc_pct)),
-        "soh_pct": Rule(PARALLEL, lowest(lambda m: m.soh_pct)),
-        "pack_voltage_v": Rule(PARALLEL, mean(lambda m: m.pack_voltage_v)),
-        "current_a": Rule(PARALLEL, total(lambda m: m.measurements.current_a)),
-        "capacity_ah": Rule(PARALLEL, total(lambda m: m.capacity_ah)),
-        "temperature_avg_c": Rule(PARALLEL, mean(lambda m: (m.temperature_max_c + m.temperature_min_c) / 2)),
+        "charge_voltage_limit_v": Rule(PARALLEL, lowest("charge_voltage_limit_v")),
+        "discharge_voltage_limit_v": Rule(PARALLEL, highest("discharge_voltage_limit_v")),
+        "soc_pct": Rule(PARALLEL, capacity_weighted("soc_pct")),
+        "soh_pct": Rule(PARALLEL, lowest("soh_pct")),
+        "pack_voltage_v": Rule(PARALLEL, mean("pack_voltage_v")),
+        "current_a": Rule(PARALLEL, total("current_a")),
+        "capacity_ah": Rule(PARALLEL, total("capacity_ah")),
+        "temperature_avg_c": Rule(PARALLEL, mean("temperature_avg_c")),
         "cell_voltage_max_v": Rule(
-            PARALLEL, highest(lambda m: m.cell_voltage_max_v, lambda m: m.cell_voltage_max_location)
+            PARALLEL, highest("cell_voltage_max_v", lambda m: m.cell_voltage_max_location)
         ),
         "cell_voltage_min_v": Rule(
-            PARALLEL, lowest(lambda m: m.cell_voltage_min_v, lambda m: m.cell_voltage_min_location)
+            PARALLEL, lowest("cell_voltage_min_v", lambda m: m.cell_voltage_min_location)
         ),
         "temperature_max_c": Rule(
-            PARALLEL, highest(lambda m: m.temperature_max_c, lambda m: m.temperature_max_location)
+            PARALLEL, highest("temperature_max_c", lambda m: m.temperature_max_location)
         ),
         "temperature_min_c": Rule(
-            PARALLEL, lowest(lambda m: m.temperature_min_c, lambda m: m.temperature_min_location)
+            PARALLEL, lowest("temperature_min_c", lambda m: m.temperature_min_location)
         ),
-        "alarms": Rule(REPORTING, any_of(lambda m: m.alarms)),
-        "warnings": Rule(REPORTING, any_of(lambda m: m.warnings)),
+        "alarms": Rule(REPORTING, any_of(attrgetter("alarm_names"))),
+        "warnings": Rule(REPORTING, any_of(attrgetter("warning_names"))),
     }
 )
 
