@@ -40,9 +40,8 @@ class TelemetryView:
         self.controllers: dict[str, str] = {}
 
     def feed(self, topic: str, payload: bytes, now_s: float) -> None:
-        status_prefix = self.topics.controller_status("")[:-len("/status")]
-        if topic.startswith(status_prefix) and topic.endswith("/status"):
-            node = topic.split("/")[-2]
+        node = self.topics.controller_id_from_status_topic(topic)
+        if node is not None:
             if payload == b"offline" or not payload:
                 self.controllers[node] = "offline"
                 return

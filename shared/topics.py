@@ -57,6 +57,14 @@ class Topics:
     def command(self, target: str) -> str:
         return f"{self._base}/cmd/{target}"
 
+    def controller_id_from_status_topic(self, topic: str) -> str | None:
+        """The node id of a controller status topic under this site, or None if the topic is not one."""
+        head = f"{self._base}/controller/"
+        if not (topic.startswith(head) and topic.endswith("/status")):
+            return None
+        node = topic[len(head) : -len("/status")]
+        return node if node and "/" not in node else None
+
     def rack_id_from_topic(self, topic: str) -> str | None:
         """The rack id of a per-rack topic under this site, or None if the topic is not one."""
         head = f"{self._base}/rack/"
