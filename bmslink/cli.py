@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -105,6 +106,7 @@ def _cmd_controller(args: argparse.Namespace) -> int:
 
     async def main(stop: asyncio.Event) -> None:
         service = ControllerService(config)
+        _settle_heap_for_control()
 
         def reload() -> None:
             try:
@@ -120,6 +122,20 @@ def _cmd_controller(args: argparse.Namespace) -> int:
             loop.remove_signal_handler(signal.SIGHUP)
 
     return run_until_signalled(main)
+
+
+def _settle_heap_for_control() -> None:
+    """Collector settings for a long-running control process (this process only, never a library's).
+
+    What exists after start-up (config, DBC, tables) lives as long as the process: frozen, the
+    collector stops re-scanning it. The cycle allocates many short-lived objects; with the default
+    gen-0 threshold (700) the young collections, and the full collections they cascade into, were
+    the p99 of a cycle at 1000 racks (bench/controller_reaction.py step table: tick p99 34 → 12 ms
+    with these values). Reference cycles are still collected, only less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
 
 
 # -- monitor ----------------------------------------------------------------------------------

@@ -39,6 +39,10 @@ CONTROL_TICK_S = 0.1  # staleness, ramps and slew advance at this rate even betw
 SMA_INHIBIT_S = 0.2  # SMA: no ID more often than every 200 ms
 PULSE_S = 0.02  # the role machine's clock: stall detection, takeover timing, heartbeat frames
 STATUS_PUBLISH_S = 1.0
+# A lowered limit is published for monitoring at once, but not more often than this: at a
+# thousand racks the consolidated state is ~130 kB and 2.4 ms to encode, and a burst of decreases
+# must not turn the monitoring copy into the controller's main load (the CAN frames go first anyway).
+STATE_PUBLISH_MIN_GAP_S = 0.1
 ID_LIMITS = 0x351
 
 
@@ -141,6 +145,7 @@ class ControllerService:
         self._last_sent_at = -1e9
         self._next_heartbeat = 0.0
         self._last_state_publish = -1e9
+        self._state_publish_pending = False  # an urgent set went out and its state is not published yet
         self._clear_command_s: float | None = None
         self._urgent = asyncio.Event()
         self.stats = ControllerStats()
@@ -265,6 +270,8 @@ class ControllerService:
             inhibit = SMA_INHIBIT_S if self.config.can.dialect is Dialect.SMA else 0.0
             if now - self._last_sent_at >= inhibit:
                 self._send(state, urgent=urgent and not heartbeat_due)
+        elif self._state_publish_pending:
+            self._publish_state_if_due(now)
         return state
 
     def may_transmit(self) -> bool:
@@ -300,9 +307,21 @@ class ControllerService:
         self._next_heartbeat = now + self.config.can.period_ms / 1000.0
         if self.roles is not None and self.roles.role is Role.ACTIVE and now >= self._next_beat:
             self._beat(now)  # the set and the heartbeat go out together: a recorder can attribute them
-        if now - self._last_state_publish >= self.config.state_publish_period_ms / 1000.0 or urgent:
-            self._last_state_publish = now
-            self.mqtt.publish(self.topics.cluster_state, encode(state), qos=0, expiry_s=5)
+        self._state_publish_pending |= urgent
+        self._publish_state_if_due(now)
+
+    def _publish_state_if_due(self, now: float) -> None:
+        """The last set sent, on the cluster topic: every publish period, and soon after an urgent set."""
+        state = self.last_sent
+        since = now - self._last_state_publish
+        if state is None or not (
+            since >= self.config.state_publish_period_ms / 1000.0
+            or (self._state_publish_pending and since >= STATE_PUBLISH_MIN_GAP_S)
+        ):
+            return
+        self._last_state_publish = now
+        self._state_publish_pending = False
+        self.mqtt.publish(self.topics.cluster_state, encode(state), qos=0, expiry_s=5)
 
     async def _control(self) -> None:
         self._next_heartbeat = self._monotonic()

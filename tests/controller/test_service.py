@@ -17,7 +17,7 @@ from controller import service as service_module
 from controller.frames import FrameDecoder
 from controller.service import ControllerService, must_send_now
 from shared.cluster import ClusterFlags, ConsolidatedState
-from shared.codec import encode
+from shared.codec import Decoder, encode
 from shared.config import MqttConfig, validate_config
 from shared.controller_config import ControllerConfig, Dialect
 from shared.models import ProtectionFlags
@@ -232,3 +232,43 @@ async def test_latched_alarm_needs_the_clear_command(rig: Any) -> None:
     await _feed(pub, topics, 100.0, 1.0, start_seq=seq + 1)
     assert bus.ccl() == pytest.approx(200.0)
     assert svc.state is not None and not svc.state.cluster.latched_alarm
+
+
+async def test_consolidated_state_is_published_for_monitoring(rig: Any, mqtt_broker: MosquittoBroker) -> None:
+    """Every publish period, and soon after a decrease, but never more often than the minimum gap."""
+    svc, _bus, pub, topics = rig
+    seen: list[tuple[float, ConsolidatedState]] = []
+    watcher = MqttSession(MqttConfig(host="127.0.0.1", port=mqtt_broker.port, topic_prefix=topics.prefix),
+                          "watcher")
+    watcher.subscribe(topics.cluster_state)
+    await watcher.start()
+    decoder: Decoder[ConsolidatedState] = Decoder(ConsolidatedState)
+
+    async def collect() -> None:
+        while True:
+            msg = await watcher.messages.get()
+            seen.append((time.monotonic(), decoder.decode(msg.payload, msg.topic)))
+
+    collector = asyncio.create_task(collect())
+    try:
+        assert await watcher.wait_connected(5)
+        seq = await _feed(pub, topics, 100.0, 1.5)
+        await wait_until(lambda: bool(seen) and seen[-1][1].charge_current_limit_a == 200.0, 3, "state 200 A")
+        # A burst of decreases: each goes to the bus at once; the monitoring copy follows at most every 100 ms
+        # and ends on the last one.
+        before = len(seen)
+        lowered_at = time.monotonic()
+        for i in range(10):
+            _publish(pub, topics, "rack-01", seq + i, 90.0 - i)
+            _publish(pub, topics, "rack-02", seq + i, 90.0 - i)
+            await asyncio.sleep(0.01)
+        last = 2 * 81.0
+        await wait_until(lambda: seen[-1][1].charge_current_limit_a == pytest.approx(last), 2, "burst end")
+        burst = [t for t, _ in seen[before:]]
+        assert burst[0] - lowered_at < 0.3  # not left for the 1 s period
+        gaps = [b - a for a, b in itertools.pairwise(burst)]
+        assert all(g >= service_module.STATE_PUBLISH_MIN_GAP_S * 0.8 for g in gaps), gaps
+        assert svc.stats.urgent_sets >= 5
+    finally:
+        collector.cancel()
+        await watcher.stop()
