@@ -56,7 +56,7 @@ class MqttConfig(Frozen):
     password: str | None = None
     tls: TlsConfig | None = None
     keepalive_s: Annotated[int, Field(ge=1, le=600)] = 5
-    # Bounds of paho's own reconnect backoff (it doubles from min to max).
+    # Bounds of the reconnect backoff (it doubles from min to max, back to min once connected).
     reconnect_min_s: Annotated[float, Field(gt=0, le=60)] = 0.2
     reconnect_max_s: Annotated[float, Field(gt=0, le=300)] = 2.0
     protocol: Annotated[str, Field(pattern=r"^(5|3\.1\.1)$")] = "5"
