@@ -30,7 +30,7 @@ from shared.cluster import ConsolidatedState, ControllerStatus, LeaderRecord, Ra
 from shared.codec import DecodeError, Decoder, encode
 from shared.controller_config import ControllerConfig, Dialect
 from shared.dbc import load_dbc, numeric_signals
-from shared.mqtt import MqttSession, Will
+from shared.mqtt import Message, MqttSession, Will
 from shared.topics import STATUS_OFFLINE, Topics
 
 log = logging.getLogger(__name__)
@@ -154,8 +154,9 @@ class ControllerService:
             or f"bmslink-controller-{config.site_id}-{config.node_id}-{uuid.uuid4().hex[:8]}"
         )
         self._status_topic = self.topics.controller_status(config.node_id)
+        # Messages are handled as they are read, on the loop (no queue): an urgent one wakes the cycle.
         self.mqtt = MqttSession(config.mqtt, client_id, will=Will(self._status_topic, STATUS_OFFLINE),
-                                receive_queue_size=100_000, on_connected=self._on_mqtt_connected)
+                                on_connected=self._on_mqtt_connected, on_message=self._on_message)
         self.mqtt.subscribe(self.topics.all_rack_telemetry, qos=0)
         self.mqtt.subscribe(self.topics.leader, qos=1)
         self._leader_decoder: Decoder[LeaderRecord] = Decoder(LeaderRecord)
@@ -192,17 +193,9 @@ class ControllerService:
     def _on_mqtt_connected(self) -> None:
         self._publish_status(self._monotonic())
 
-    async def _consume(self) -> None:
-        queue = self.mqtt.messages
-        while True:
-            msg = await queue.get()
-            urgent = self._ingest(msg.topic, msg.payload, msg.received_monotonic_s)
-            # Drain what is already queued before waking the cycle: one cycle per burst.
-            while not queue.empty():
-                m = queue.get_nowait()
-                urgent |= self._ingest(m.topic, m.payload, m.received_monotonic_s)
-            if urgent:
-                self._urgent.set()
+    def _on_message(self, msg: Message) -> None:
+        if self._ingest(msg.topic, msg.payload, msg.received_monotonic_s):
+            self._urgent.set()
 
     def _ingest(self, topic: str, payload: bytes, received_s: float) -> bool:
         self.stats.messages += 1
@@ -447,7 +440,6 @@ class ControllerService:
             await self.modbus.start()
         await self.mqtt.start()
         self._tasks = [
-            asyncio.create_task(self._consume(), name="controller-consume"),
             asyncio.create_task(self._control(), name="controller-control"),
         ]
         if self.roles is not None:

@@ -1,0 +1,114 @@
+"""The MQTT session driven from the event loop, against real Mosquitto brokers: delivery to a handler,
+a failing handler, connecting to a broker that is not up yet, broker restarts and a clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+
+from shared.config import MqttConfig
+from shared.mqtt import Message, MqttSession
+from tests.agent.helpers import wait_until
+from tests.fixtures.broker import MosquittoBroker
+
+
+def _config(port: int, prefix: str) -> MqttConfig:
+    return MqttConfig(host="127.0.0.1", port=port, topic_prefix=prefix, reconnect_min_s=0.05,
+                      reconnect_max_s=0.2)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def _pair(port: int, prefix: str, handler: Callable[[Message], None]) -> tuple[MqttSession, MqttSession]:
+    sub = MqttSession(_config(port, prefix), f"{prefix}-sub", on_message=handler)
+    sub.subscribe(f"{prefix}/#")
+    pub = MqttSession(_config(port, prefix), f"{prefix}-pub")
+    await sub.start()
+    await pub.start()
+    assert await sub.wait_connected(5) and await pub.wait_connected(5)
+    return sub, pub
+
+
+async def test_messages_reach_the_handler_in_order_and_a_failing_handler_is_counted(
+    mqtt_broker: MosquittoBroker, unique_topic_prefix: str
+) -> None:
+    got: list[bytes] = []
+
+    def handler(msg: Message) -> None:
+        if msg.payload == b"bad":
+            raise RuntimeError("handler defect")
+        got.append(msg.payload)
+
+    sub, pub = await _pair(mqtt_broker.port, unique_topic_prefix, handler)
+    try:
+        await asyncio.sleep(0.2)  # SUBACK
+        for i in range(200):
+            pub.publish(f"{unique_topic_prefix}/x", b"bad" if i == 50 else str(i).encode())
+        await wait_until(lambda: len(got) == 199, 5, "199 good messages")
+        assert got == [str(i).encode() for i in range(200) if i != 50]
+        assert sub.stats.handler_errors == 1
+        assert sub.stats.received == 200
+        assert sub.is_connected  # the defect did not take the connection down
+    finally:
+        await pub.stop()
+        await sub.stop()
+
+
+async def test_connects_once_the_broker_is_up_and_comes_back_after_restarts(
+    private_broker: MosquittoBroker, unique_topic_prefix: str
+) -> None:
+    private_broker.stop()
+    got: list[bytes] = []
+    sub = MqttSession(_config(private_broker.port, unique_topic_prefix), "late-sub",
+                      on_message=lambda m: got.append(m.payload))
+    sub.subscribe(f"{unique_topic_prefix}/#")
+    await sub.start()
+    try:
+        await asyncio.sleep(0.5)
+        assert not sub.is_connected
+        assert sub.stats.connect_failures >= 2  # retried with backoff, the loop kept running
+        private_broker.start()
+        assert await sub.wait_connected(5)
+        for round_ in range(2):
+            private_broker.restart()
+            await wait_until(lambda: sub.is_connected, 5, "reconnected")
+            pub = MqttSession(_config(private_broker.port, unique_topic_prefix), f"pub-{round_}")
+            await pub.start()
+            assert await pub.wait_connected(5)
+            want = f"after restart {round_}".encode()
+            # Subscriptions are renewed on every connect: keep publishing until the SUBACK is in.
+            for _ in range(50):
+                pub.publish(f"{unique_topic_prefix}/y", want)
+                await asyncio.sleep(0.05)
+                if want in got:
+                    break
+            await pub.stop()
+            assert want in got
+        assert sub.stats.connects == 3
+    finally:
+        await sub.stop()
+
+
+async def test_stop_closes_the_socket_and_leaves_no_watcher(
+    mqtt_broker: MosquittoBroker, unique_topic_prefix: str
+) -> None:
+    before = _open_fds()
+    sub, pub = await _pair(mqtt_broker.port, unique_topic_prefix, lambda _m: None)
+    await pub.stop()
+    await sub.stop()
+    assert not sub.is_connected and not sub.connected.is_set()
+    assert _open_fds() == before
+
+
+async def test_stop_while_the_broker_is_unreachable_returns_promptly(unique_topic_prefix: str) -> None:
+    from tests.fixtures.broker import free_port  # noqa: PLC0415
+
+    session = MqttSession(_config(free_port(), unique_topic_prefix), "nobody-home")
+    await session.start()
+    await asyncio.sleep(0.2)
+    async with asyncio.timeout(2):
+        await session.stop(final=("t/x", b"offline", True))
+    assert not session.is_connected
