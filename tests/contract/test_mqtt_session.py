@@ -22,7 +22,10 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def _pair(port: int, prefix: str, handler: Callable[[Message], None]) -> tuple[MqttSession, MqttSession]:
+Handler = Callable[[Message], None]
+
+
+async def _pair(port: int, prefix: str, handler: Handler) -> tuple[MqttSession, MqttSession]:
     sub = MqttSession(_config(port, prefix), f"{prefix}-sub", on_message=handler)
     sub.subscribe(f"{prefix}/#")
     pub = MqttSession(_config(port, prefix), f"{prefix}-pub")
