@@ -3,6 +3,12 @@
 The hot path (one message) is: decode + validate, store, and a cheap check of
 whether this message lowers a limit or raises an alarm, in which case the
 caller runs a control cycle at once instead of waiting for the heartbeat.
+
+Two views of the racks: the latest input of each, and the inputs committed to
+the core. A full cycle commits everything; an urgent message is committed at
+once, alone, so that the urgent cycle it triggers recomputes that rack and not
+every rack whose routine payload arrived since the last full cycle (those wait
+for it, a control tick away, as they would without the urgent one).
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ class RackTable:
         self.topics = topics
         self.site_id = site_id
         self.decoder: Decoder[RackTelemetry] = telemetry_decoder(max_payload_bytes)
-        self._racks: dict[str, RackInput] = {}
+        self._racks: dict[str, RackInput] = {}  # the latest input of every roster rack
+        self._committed: dict[str, RackInput] = {}  # what the core is to see in an urgent cycle
         self._roster: tuple[str, ...] = ()
         self.unknown: dict[str, int] = {}
         self.counters: Counter[str] = Counter()
@@ -69,6 +76,7 @@ class RackTable:
         """Adopt a new roster (SIGHUP reload): keeps what is known of racks that stay."""
         self._roster = roster
         self._racks = {rid: self._racks.get(rid, RackInput(rid)) for rid in roster}
+        self._committed = dict(self._racks)
         for rid in roster:
             self.unknown.pop(rid, None)
 
@@ -89,19 +97,19 @@ class RackTable:
         except DecodeError as exc:
             self.counters[f"rejected_{exc.reason.value}"] += 1
             log.warning("rack %s: %s", rack_id, exc)
-            self._racks[rack_id] = RackInput(
+            self._commit(RackInput(
                 rack_id, current.telemetry, current.received_s, invalid_at_s=now_s, invalid_reason=str(exc)
-            )
+            ))
             return Ingest(rack_id, False, True, str(exc))
         if telemetry.rack_id != rack_id or telemetry.site_id != self.site_id:
             # A payload claiming another identity than its topic is spoofed or misconfigured: never counted.
             self.counters["identity_mismatch"] += 1
             log.warning("rack %s: payload claims site %s rack %s; ignored", rack_id, telemetry.site_id,
                         telemetry.rack_id)
-            self._racks[rack_id] = RackInput(
+            self._commit(RackInput(
                 rack_id, current.telemetry, current.received_s, invalid_at_s=now_s,
                 invalid_reason=f"payload claims rack {telemetry.rack_id} of site {telemetry.site_id}",
-            )
+            ))
             return Ingest(rack_id, False, True, "identity mismatch")
         old = current.telemetry
         if old is not None and telemetry.seq <= old.seq and telemetry.timestamp_s <= old.timestamp_s:
@@ -110,8 +118,16 @@ class RackTable:
             return Ingest(rack_id, False, False, "out of order")
         self.counters["accepted"] += 1
         urgent = _urgent_change(old, telemetry) or current.invalid_at_s is not None
-        self._racks[rack_id] = RackInput(rack_id, telemetry, now_s)
+        latest = RackInput(rack_id, telemetry, now_s)
+        if urgent:
+            self._commit(latest)
+        else:
+            self._racks[rack_id] = latest
         return Ingest(rack_id, True, urgent)
+
+    def _commit(self, rack_input: RackInput) -> None:
+        self._racks[rack_input.rack_id] = rack_input
+        self._committed[rack_input.rack_id] = rack_input
 
     def _unknown(self, rack_id: str, why: str) -> Ingest:
         self.counters["unknown_rack"] += 1
@@ -122,9 +138,12 @@ class RackTable:
         self.unknown[rack_id] = self.unknown.get(rack_id, 0) + 1
         return Ingest(rack_id, False, False, why)
 
-    def snapshot(self, clear_command_s: float | None) -> Snapshot:
+    def snapshot(self, clear_command_s: float | None, *, full: bool = True) -> Snapshot:
+        """The inputs for a cycle: every latest one (``full``, which commits them), else the committed."""
+        if full:
+            self._committed = dict(self._racks)
         return Snapshot(
-            racks=dict(self._racks),
+            racks=dict(self._committed),
             unknown_racks=tuple(sorted(self.unknown)),
             clear_command_s=clear_command_s,
         )

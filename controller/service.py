@@ -35,7 +35,9 @@ from shared.topics import STATUS_OFFLINE, Topics
 
 log = logging.getLogger(__name__)
 
-CONTROL_TICK_S = 0.1  # staleness, ramps and slew advance at this rate even between heartbeats
+# Full cycles: routine payloads, staleness, ramps and slew advance at this rate even between
+# heartbeats. An urgent payload gets its own cycle at once (``inputs_only``, see core.engine.step).
+CONTROL_TICK_S = 0.1
 SMA_INHIBIT_S = 0.2  # SMA: no ID more often than every 200 ms
 PULSE_S = 0.02  # the role machine's clock: stall detection, takeover timing, heartbeat frames
 STATUS_PUBLISH_S = 1.0
@@ -144,6 +146,7 @@ class ControllerService:
         self.last_sent: ConsolidatedState | None = None
         self._last_sent_at = -1e9
         self._next_heartbeat = 0.0
+        self._last_full_cycle = -1e9
         self._last_state_publish = -1e9
         self._state_publish_pending = False  # an urgent set went out and its state is not published yet
         self._clear_command_s: float | None = None
@@ -249,11 +252,16 @@ class ControllerService:
 
     # -- the cycle ---------------------------------------------------------------------------
 
-    def cycle(self, *, heartbeat_due: bool) -> ConsolidatedState:
-        """One control cycle: snapshot → core → maybe send. Returns the new consolidated state."""
+    def cycle(self, *, heartbeat_due: bool, full: bool = True) -> ConsolidatedState:
+        """One control cycle: snapshot → core → maybe send. Returns the new consolidated state.
+
+        ``full`` = False: an urgent cycle on the inputs committed by urgent payloads only.
+        """
         now = self._monotonic()
-        snapshot = self.table.snapshot(self._clear_command_s)
-        state, self.memory = step(snapshot, self.config, now, self._wall(), self.memory)
+        snapshot = self.table.snapshot(self._clear_command_s, full=full)
+        state, self.memory = step(snapshot, self.config, now, self._wall(), self.memory, inputs_only=not full)
+        if full:
+            self._last_full_cycle = now
         self.state = state
         self.stats.cycles += 1
         if self.modbus is not None:
@@ -320,20 +328,23 @@ class ControllerService:
         self._next_heartbeat = self._monotonic()
         while True:
             now = self._monotonic()
-            wait = min(CONTROL_TICK_S, max(0.0, self._next_heartbeat - now))
+            next_full = min(self._last_full_cycle + CONTROL_TICK_S, self._next_heartbeat)
             try:
-                async with asyncio.timeout(wait):
+                async with asyncio.timeout(max(0.0, next_full - now)):
                     await self._urgent.wait()
             except TimeoutError:
                 pass
             self._urgent.clear()
-            heartbeat_due = self._monotonic() >= self._next_heartbeat
+            now = self._monotonic()
+            heartbeat_due = now >= self._next_heartbeat
+            full = heartbeat_due or now >= self._last_full_cycle + CONTROL_TICK_S
             try:
-                self.cycle(heartbeat_due=heartbeat_due)
+                self.cycle(heartbeat_due=heartbeat_due, full=full)
             except Exception:
                 # A defect in the core must not silence the inverter nor leave a stale permission:
                 # say "no current, alarm" and keep the heartbeat going.
                 self.stats.cycle_errors += 1
+                self._last_full_cycle = now  # retried at the tick, not in a busy loop
                 log.exception("control cycle failed; sending zero current with the alarm set")
                 if heartbeat_due or self.stats.cycle_errors == 1:
                     safe = fail_safe(self.state or self.last_sent, self.config, self._wall())

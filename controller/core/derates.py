@@ -9,7 +9,7 @@ as a steep rise.
 
 **Rate-of-rise thermal derate** (``ThermalDerateConfig``), factor on both CCL and DCL (the
 heat comes from current in either direction). Each reporting rack keeps the
-(arrival time, ``temperature_max_c``) of its payloads within the last ``window_s``; one
+(arrival time, ``temperature_max_c``) of its payloads within ``window_s`` of its newest one; one
 sample per payload, so a cycle faster than the rack's poll adds no flat steps. The slope is
 the least-squares fit over the window (0 with fewer than two distinct times), kept as running
 sums (``WindowSums``) so that a sample added or dropped costs O(1) rather than a pass over the
@@ -27,8 +27,8 @@ DCL × ``discharge_table(cell_voltage_min_v)``.
 
 Both carry hysteresis (``hysteresis_c``, ``hysteresis_v``) as a play operator on the table's
 input (``tables.py``): a worse reading derates at once, a better one only beyond the band.
-The held inputs are in the memory; a rack that is not reporting keeps its held values and
-loses samples as they leave the window.
+The held inputs are in the memory; a rack that is not reporting keeps its held values and its
+samples: its next payload drops those more than ``window_s`` older than itself.
 """
 
 from __future__ import annotations
@@ -157,12 +157,17 @@ def derate_rack(
 ) -> tuple[Derate, DerateMemory]:
     """This cycle's factors for one rack (all 1 when it is not reporting) and its next memory."""
     thermal = config.thermal_derate
-    samples, sums = _window(memory.samples, memory.sums, now_s, thermal.window_s)
+    samples, sums = memory.samples, memory.sums
     if measurements is None or received_s is None:
         return Derate(), DerateMemory(
             samples, memory.thermal_held_c, memory.charge_cell_held_v, memory.discharge_cell_held_v, sums
         )
     if thermal.enabled and (not samples or received_s > samples[-1][0]):
+        # The window ends at the newest sample, so it moves only when a payload arrives: the
+        # slope never changes with time alone, and a rack's outcome can be reused until its
+        # next payload (a window ending at "now" expired a sample between payloads, which
+        # doubled the racks to recompute per cycle at a thousand racks).
+        samples, sums = _window(samples, sums, received_s, thermal.window_s)
         sample = (received_s, measurements.temperature_max_c)
         samples = (*samples, sample)
         sums = sums.plus(*sample) if sums is not None else WindowSums.of(samples)

@@ -164,15 +164,15 @@ class _Entry(NamedTuple):
     ``given`` is the snapshot's own ``RackInput`` object (None: the rack was absent); inputs are
     immutable, so the same object means the same input. With the same input and the memory
     this outcome produced, every step of the rack cycle is idempotent (latches, the play
-    operators, a full admission), so only time can change the outcome, through three
+    operators, a full admission), so only time can change the outcome, through two
     thresholds, each re-checked with the arithmetic of the step it belongs to:
 
     - ``fresh_received_s``/``stale_limit_s``: the rack was judged on telemetry of that age
       (``read_rack``: stale when ``now - received > limit``; the limit is at least 1 s);
     - ``ok_since_s``: the rack had its full share at ``full_at_s`` (``admission.fully_admitted``,
-      which only turns from False to True as time goes on: re-checked only for an earlier now);
-    - ``oldest_sample_s``: no thermal sample may leave the window (``derates._window``), as
-      that moves the slope.
+      which only turns from False to True as time goes on: re-checked only for an earlier now).
+
+    The thermal window ends at the rack's newest sample (``derates``): it moves with inputs only.
 
     ``reusable`` is False when the outcome moves with time alone: a stale rack's reason states
     its age, a rack in its hold or ramp changes share.
@@ -188,7 +188,6 @@ class _Entry(NamedTuple):
     stale_limit_s: float
     ok_since_s: float | None
     full_at_s: float
-    oldest_sample_s: float | None
     parallel_member: Member | None  # the rack's member when it is in parallel (state ok)
 
 
@@ -237,11 +236,9 @@ def _entry(
             ok_since_s = a.ok_since_s
         else:
             reusable = False
-    samples = rack.memory.derate.samples
-    oldest_sample_s = samples[0][0] if samples else None
     parallel_member = rack.member if rack.state is RackState.OK else None
     return _Entry(given, rack, view, charge_blocks, discharge_blocks, reusable, fresh_received_s,
-                  stale_limit_s, ok_since_s, now_s, oldest_sample_s, parallel_member)
+                  stale_limit_s, ok_since_s, now_s, parallel_member)
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,8 +363,19 @@ def step(
     now_s: float,
     wall_s: float,
     memory: CoreMemory,
+    *,
+    inputs_only: bool = False,
 ) -> tuple[ConsolidatedState, CoreMemory]:
-    """Compute this cycle's consolidated battery from ``snapshot`` and the previous ``memory``."""
+    """Compute this cycle's consolidated battery from ``snapshot`` and the previous ``memory``.
+
+    ``inputs_only`` (an urgent cycle, run the moment a payload may lower a limit): a rack whose
+    input is the one of the last cycle keeps that cycle's outcome even where time alone would
+    move it (staleness, hold and ramp progress). Those wait for the next full cycle, a control
+    tick away; the urgent one costs the changed racks plus one pass over the table instead of a
+    re-evaluation of every rack that time touched. It can only be as permissive as the last full
+    cycle was, lowered by the new inputs: a rack going stale was already counted there, and a
+    share frozen mid-ramp is the lower one.
+    """
     agg = config.aggregation
     elapsed_s = 0.0 if memory.last_now_s is None else max(0.0, now_s - memory.last_now_s)
 
@@ -381,25 +389,31 @@ def step(
     ):
         previous_entries = cache.entries
     hold_s, ramp_s = agg.readmit_hold_s, agg.readmit_ramp_s
-    window_start_s = now_s - agg.thermal_derate.window_s
     entries: dict[str, _Entry] = {}
     for rr in config.roster:
         rack_id = rr.rack_id
         given = snapshot.racks.get(rack_id)
         entry = previous_entries.get(rack_id)
         # Reuse last cycle's outcome when nothing it depends on changed (see _Entry); the
-        # comparisons are those of read_rack, admit and _window, NaN included.
+        # comparisons are those of read_rack and admit, NaN included.
         if (
             entry is None
             or entry.given is not given
-            or not entry.reusable
-            or (entry.fresh_received_s is not None and now_s - entry.fresh_received_s > entry.stale_limit_s)
             or (
-                entry.ok_since_s is not None
-                and now_s < entry.full_at_s
-                and not fully_admitted(entry.ok_since_s, now_s, hold_s, ramp_s)
+                not inputs_only
+                and (
+                    not entry.reusable
+                    or (
+                        entry.fresh_received_s is not None
+                        and now_s - entry.fresh_received_s > entry.stale_limit_s
+                    )
+                    or (
+                        entry.ok_since_s is not None
+                        and now_s < entry.full_at_s
+                        and not fully_admitted(entry.ok_since_s, now_s, hold_s, ramp_s)
+                    )
+                )
             )
-            or (entry.oldest_sample_s is not None and not entry.oldest_sample_s >= window_start_s)
         ):
             rack = _rack_cycle(
                 roster_rack=rr,

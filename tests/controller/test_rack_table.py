@@ -106,3 +106,21 @@ def test_reload_keeps_known_racks_and_adds_new_ones() -> None:
     assert set(snap.racks) == {"rack-01", "rack-03"}
     assert snap.racks["rack-01"].telemetry is not None
     assert snap.unknown_racks == ()
+
+
+def test_urgent_snapshot_holds_routine_payloads_back_until_a_full_cycle() -> None:
+    table = _table()
+    _send(table, seq=1, now=1.0, measurements=measurements(charge_current_limit_a=100.0))
+    _send(table, rack="rack-02", seq=1, now=1.0, measurements=measurements(charge_current_limit_a=100.0))
+    first = table.snapshot(None)  # full: commits both
+    routine = _send(table, seq=2, now=1.5, measurements=measurements(charge_current_limit_a=100.0))
+    assert not routine.urgent
+    half = measurements(charge_current_limit_a=50.0)
+    lowered = _send(table, rack="rack-02", seq=2, now=1.6, measurements=half)
+    assert lowered.urgent
+    urgent = table.snapshot(None, full=False)
+    assert urgent.racks["rack-01"] is first.racks["rack-01"]  # the routine one waits
+    assert urgent.racks["rack-02"].received_s == 1.6  # the lowering is in at once
+    full = table.snapshot(None)
+    assert full.racks["rack-01"].received_s == 1.5
+    assert table.snapshot(None, full=False).racks == full.racks  # committed now

@@ -28,7 +28,7 @@ from controller.core.derates import WindowSums, _window, slope_per_s
 from controller.core.engine import CoreMemory, step
 from controller.core.faults import raised_names
 from controller.core.snapshot import RackInput, Snapshot
-from shared.cluster import ConsolidatedState
+from shared.cluster import ConsolidatedState, RackState
 from shared.controller_config import ControllerConfig, CurrentPolicy
 from shared.models import PROTECTION_FLAG_NAMES, ContactorState, ProtectionFlags
 from tests.controller.core.builders import WALL_OFFSET_S, config, rack_ids, telemetry
@@ -263,3 +263,23 @@ def test_a_cycle_with_the_cache_is_deterministic() -> None:
         return states
 
     assert run() == run()
+
+
+def test_inputs_only_cycle_recomputes_changed_racks_and_leaves_time_to_the_full_cycle() -> None:
+    """An urgent cycle: a lowering counts at once; a rack that went stale meanwhile waits for the full
+    cycle (it was counted by the last full cycle already), which then equals an uncached step."""
+    cfg = config(2)
+    a, b = telemetry("r1", ccl=100.0, poll_ms=500), telemetry("r2", ccl=100.0, poll_ms=500)
+    racks = {"r1": RackInput("r1", a, 10.0), "r2": RackInput("r2", b, 10.0)}
+    state, memory = step(Snapshot(racks=dict(racks)), cfg, 10.0, 0.0, CoreMemory.initial())
+    assert state.eligible_racks == 2
+    # 2 s later r2 (stale after 1.5 s) has gone quiet; r1 reports a lower limit.
+    racks["r1"] = RackInput("r1", telemetry("r1", ccl=40.0, poll_ms=500, seq=1), 12.0)
+    urgent, memory_u = step(Snapshot(racks=dict(racks)), cfg, 12.0, 0.0, memory, inputs_only=True)
+    assert urgent.charge_current_limit_a == 80.0  # 2 × min(40, 100): the lowering is in
+    assert [v.state for v in urgent.racks] == [RackState.OK, RackState.OK]  # r2 judged at the next full
+    full, _ = step(Snapshot(racks=dict(racks)), cfg, 12.05, 0.0, memory_u)
+    uncached, _ = step(Snapshot(racks=dict(racks)), cfg, 12.05, 0.0, replace(memory_u, cache=None))
+    assert [v.state for v in full.racks] == [RackState.OK, RackState.STALE]
+    assert full.charge_current_limit_a == 40.0
+    assert full == uncached

@@ -177,3 +177,20 @@ def test_table_rows_name_consolidated_fields() -> None:
 def test_initial_memory_is_empty() -> None:
     assert CoreMemory.initial() == CoreMemory()
     assert CoreMemory.initial().racks == {}
+
+
+def test_thermal_window_ends_at_the_newest_sample_and_never_moves_with_time_alone() -> None:
+    """The slope (and so the derate) changes only with payloads: a cached rack outcome stays valid."""
+    from controller.core.derates import DerateMemory, derate_rack  # noqa: PLC0415
+
+    agg = AggregationConfig.model_validate({"thermal_derate": {"window_s": 10.0, "horizon_s": 60.0}})
+    memory = DerateMemory()
+    m = None
+    for k in range(30):  # 0.5 °C/s for 15 s, one payload every 0.5 s
+        m = telemetry("r1", t_max=30.0 + 0.25 * k).measurements
+        derate, memory = derate_rack(memory, m, 100.0 + 0.5 * k, 100.0 + 0.5 * k, agg)
+    assert [t for t, _ in memory.samples] == [100.0 + 0.5 * k for k in range(9, 30)]  # within 10 s of 114.5
+    assert m is not None
+    later, same_memory = derate_rack(memory, m, 114.5, 500.0, agg)  # the same payload, much later
+    assert later == derate and same_memory.samples == memory.samples
+    assert derate.charge_factor < 1.0  # 44.5 °C rising 0.5 °C/s projects far beyond the table
