@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import can
@@ -110,8 +110,11 @@ class CanPort:
             self.counters["restarted"] += 1
             log.info("CAN %s: controller restarted after bus-off", self.config.channel)
 
-    def send_all(self, frames: Sequence[can.Message], *, kind: str = "sets") -> bool:
-        """Send a frame set in order; False if any frame failed (counted, logged once per streak)."""
+    def send_all(self, frames: Iterable[can.Message], *, kind: str = "sets") -> bool:
+        """Send a frame set in order; False if any frame failed (counted, logged once per streak).
+
+        ``frames`` may be a generator: each frame leaves as soon as it is made (the limits first).
+        """
         if self._bus is None:
             if time.monotonic() - self._last_open_attempt >= REOPEN_AFTER_S:
                 self.open()
@@ -120,6 +123,7 @@ class CanPort:
                 self.consecutive_send_failures += 1
                 return False
         ok = True
+        sent = 0
         for frame in frames:
             try:
                 self._bus.send(frame, timeout=SEND_TIMEOUT_S)
@@ -130,9 +134,10 @@ class CanPort:
                     log.error("CAN %s: send failed: %s", self.config.channel, exc)
                 self.last_error = str(exc)
                 break  # the rest of the set would fail the same way; the next cycle retries
+            sent += 1
         if ok:
             self.counters[f"{kind}_sent"] += 1
-            self.counters["frames_sent"] += len(frames)
+            self.counters["frames_sent"] += sent
             if self.consecutive_send_failures:
                 log.info("CAN %s: sending again after %d failed set(s)", self.config.channel,
                          self.consecutive_send_failures)

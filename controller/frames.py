@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from types import MappingProxyType
@@ -357,6 +357,7 @@ class FrameEncoder:
         }
         self._name = manufacturer_bytes(config.manufacturer)
         self._constant: dict[int, bytes] = {}
+        self._last_packed: dict[int, tuple[tuple[tuple[str, int], ...], bytes]] = {}
         if ID_MANUFACTURER in self._frames:
             name = {f"Name{i}": byte for i, byte in enumerate(self._name)}
             self._constant[ID_MANUFACTURER] = self._pack(self._frames[ID_MANUFACTURER], name)
@@ -376,16 +377,26 @@ class FrameEncoder:
 
     def encode(self, state: ConsolidatedState) -> list[can.Message]:
         """The full set in :attr:`ids` order: standard IDs, DLC 8, dialect padding."""
+        return list(self.frames(state))
+
+    def frames(self, state: ConsolidatedState) -> Iterator[can.Message]:
+        """The set of :meth:`encode`, made one frame at a time: a sender puts the limits frame on
+        the bus before the rest are encoded. A frame whose field values are those of its last
+        encoding reuses those bytes (packing is a pure function of them)."""
         decision = self._decide(state)
-        messages = []
         for frame, build in self._builders:
             if build is None:
                 data = self._constant[frame.frame_id]
             else:
-                data = self._pack(frame, build(state, decision))
-            messages.append(can.Message(arbitration_id=frame.frame_id, data=data, is_extended_id=False,
-                                        dlc=FRAME_DLC))
-        return messages
+                raw = build(state, decision)
+                key = tuple(raw.items())
+                last = self._last_packed.get(frame.frame_id)
+                if last is not None and last[0] == key:
+                    data = last[1]
+                else:
+                    data = self._pack(frame, raw)
+                    self._last_packed[frame.frame_id] = (key, data)
+            yield can.Message(arbitration_id=frame.frame_id, data=data, is_extended_id=False, dlc=FRAME_DLC)
 
     # -- helpers ---------------------------------------------------------------------------------
 

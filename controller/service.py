@@ -294,9 +294,8 @@ class ControllerService:
             self.stats.sends_refused += 1
             self._next_heartbeat = self._monotonic() + self.config.can.period_ms / 1000.0
             return
-        frames = self.encoder.encode(state)
         now = self._monotonic()
-        if self.can.send_all(frames):
+        if self.can.send_all(self.encoder.frames(state)):
             self.stats.sets_sent += 1
             if urgent:
                 self.stats.urgent_sets += 1

@@ -349,3 +349,15 @@ def test_encoding_a_full_set_is_fast(dialect: Dialect) -> None:
         enc.encode(s)
     per_set_s = (time.perf_counter() - started) / rounds
     assert per_set_s < 0.002
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(states=st.lists(consolidated_states(), min_size=2, max_size=6))
+def test_a_long_lived_encoder_gives_the_bytes_of_a_fresh_one(dialect: Dialect,
+                                                           states: list[ConsolidatedState]) -> None:
+    """Reused packings never leak from one state into another; frames() is encode() one at a time."""
+    long_lived = encoder(dialect)
+    for s in [*states, states[0]]:
+        fresh = [(m.arbitration_id, bytes(m.data)) for m in encoder(dialect).encode(s)]
+        assert [(m.arbitration_id, bytes(m.data)) for m in long_lived.frames(s)] == fresh
