@@ -83,12 +83,24 @@ class ProtectionFlags(_Frozen):
     internal_fault: bool = False
     insulation_fault: bool = False
 
+    # These run several times per control cycle: they read the field values from ``__dict__``
+    # (where pydantic keeps them; ``extra="forbid"`` leaves nothing else there) rather than
+    # through the model's slower iteration protocol.
+
     def raised(self) -> tuple[str, ...]:
         """Names of the conditions that are set, in declaration order."""
-        return tuple(name for name, value in self if value)
+        return tuple(name for name, value in self.__dict__.items() if value)
+
+    def any(self) -> bool:
+        return any(self.__dict__.values())
 
     def union(self, other: ProtectionFlags) -> ProtectionFlags:
-        return ProtectionFlags(**{name: value or getattr(other, name) for name, value in self})
+        if not other.any():
+            return self
+        if not self.any():
+            return other
+        theirs = other.__dict__
+        return ProtectionFlags(**{name: value or theirs[name] for name, value in self.__dict__.items()})
 
 
 PROTECTION_FLAG_NAMES: tuple[str, ...] = tuple(ProtectionFlags.model_fields)

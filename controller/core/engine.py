@@ -54,7 +54,7 @@ from controller.core.faults import (
     latched_flags,
     update_latches,
 )
-from controller.core.policies import Member, Members, Pick, Population, table
+from controller.core.policies import NO_FLAGS, Member, Members, Pick, Population, table
 from controller.core.provenance import limit_reason, rack_reason
 from controller.core.slew import slew
 from controller.core.snapshot import RackInput, Snapshot
@@ -343,6 +343,8 @@ def split_by_effect(
     is zero in this output: a faulted rack taken out while the others carry on, or an imbalance that
     blocks nothing, is visible as a warning (and in its rack's view), not as a bank trip.
     """
+    if not raised.any():
+        return raised, raised
     kept: dict[str, bool] = {}
     demoted: dict[str, bool] = {}
     for name in raised.raised():
@@ -533,7 +535,7 @@ def step(
 
 
 def _flags(pick: Pick | None) -> ProtectionFlags:
-    return ProtectionFlags() if pick is None else pick.flags
+    return NO_FLAGS if pick is None else pick.flags
 
 
 def _view(

@@ -364,10 +364,12 @@ def any_of(names: Callable[[Member], tuple[str, ...]]) -> Combine:
 
     def combine(population: Members) -> Pick | None:
         raised = set(chain.from_iterable(map(names, population.members)))
-        return Pick(flags=ProtectionFlags(**dict.fromkeys(raised, True)))
+        return Pick(flags=ProtectionFlags(**dict.fromkeys(raised, True)) if raised else NO_FLAGS)
 
     return combine
 
+
+NO_FLAGS: Final = ProtectionFlags()  # immutable: one instance serves every empty set
 
 PARALLEL, REPORTING = Population.PARALLEL, Population.REPORTING
 
