@@ -375,8 +375,9 @@ class MqttSession:
         # socket holds more, so a burst never starves the other tasks.
         self._client.loop_read()
         sock = self._client.socket()
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            # Decrypted bytes already inside the TLS object do not wake the selector.
+        # Decrypted bytes already inside the TLS object do not wake the selector: drain them here.
+        # (Mosquitto writes one TLS record per packet, so there is rarely anything left.)
+        while isinstance(sock, ssl.SSLSocket) and sock.pending() and self._client.socket() is sock:
             self._client.loop_read()
 
     def _writable(self) -> None:
