@@ -53,7 +53,7 @@ def _urgent_change(old: RackTelemetry | None, new: RackTelemetry) -> bool:
         or b.charge_voltage_limit_v < a.charge_voltage_limit_v
         or b.discharge_voltage_limit_v > a.discharge_voltage_limit_v
         or b.contactor is not a.contactor
-        or not set(raised_names(b.alarms)) <= set(raised_names(a.alarms))
+        or (b.alarms.any() and not set(raised_names(b.alarms)) <= set(raised_names(a.alarms)))
         or b.cell_voltage_max_v > a.cell_voltage_max_v + 0.005
         or b.cell_voltage_min_v < a.cell_voltage_min_v - 0.005
         or b.temperature_max_c > a.temperature_max_c + 0.5
