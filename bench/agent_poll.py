@@ -15,7 +15,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bmslink.processes import free_port
 from rack_agent.agent import RackAgent
 from rack_agent.links import BmsLink
 from rack_agent.unit import UnitRuntime
@@ -30,25 +30,6 @@ from shared.agent_config import AgentConfig
 from shared.config import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port_block(n: int) -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + n < 65000:
-            ok = True
-            for p in range(base, base + n):
-                with socket.socket() as t:
-                    try:
-                        t.bind(("127.0.0.1", p))
-                    except OSError:
-                        ok = False
-                        break
-            if ok:
-                return base
-    raise RuntimeError("no free port block")
 
 
 class TimedAgent(RackAgent):
@@ -126,7 +107,7 @@ def main() -> int:
               f"{'CPU s/1000':>10} {'CPU %':>6} {'skipped':>7} {'fail':>5}")
     print(header)
     for n in args.units:
-        base = free_port_block(n)
+        base = free_port(span=n)
         sim = subprocess.Popen(
             [sys.executable, "-m", "bmslink", "--log-level", "error", "sim", "bms", "--racks", str(n),
              "--transport", "tcp", "--host", "127.0.0.1", "--port", str(base)],

@@ -64,6 +64,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bmslink.processes import free_port  # noqa: E402  (after the path set-up above)
+
 SITE = "bench"
 PREFIX = "bmslink"
 BANK_BASE_A = 3000.0  # bank CCL with every rack at its base limit (base = BANK_BASE_A / N)
@@ -84,12 +86,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- small helpers -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout_s: float) -> None:

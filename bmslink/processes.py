@@ -14,20 +14,36 @@ from pathlib import Path
 STOP_GRACE_S = 3.0
 
 
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_port(span: int = 1) -> int:
+    """A port P on 127.0.0.1 such that P..P+span-1 were all free when asked (another process may
+    still take one before it is used)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port + span - 1 > 65535:
+            continue
+        try:
+            for offset in range(1, span):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    probe.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no run of {span} free ports found on 127.0.0.1")
+
+
+MOSQUITTO_FALLBACK_PATH = "/usr/sbin/mosquitto"  # Debian installs it in sbin, which a non-root PATH lacks
 
 
 def find_mosquitto() -> str:
-    found = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
-    if found is None:
-        raise FileNotFoundError("mosquitto is not installed (Debian/Ubuntu: apt-get install mosquitto)")
-    return found
+    """Path of the mosquitto binary: PATH first, then Debian's /usr/sbin."""
+    found = shutil.which("mosquitto")
+    if found is not None:
+        return found
+    if os.access(MOSQUITTO_FALLBACK_PATH, os.X_OK):
+        return MOSQUITTO_FALLBACK_PATH
+    raise FileNotFoundError("mosquitto is not installed (Debian/Ubuntu: apt-get install mosquitto)")
 
 
 def write_mosquitto_conf(folder: Path, port: int) -> Path:
