@@ -67,6 +67,7 @@ class RackTable:
         self.decoder: Decoder[RackTelemetry] = telemetry_decoder(max_payload_bytes)
         self._racks: dict[str, RackInput] = {}  # the latest input of every roster rack
         self._committed: dict[str, RackInput] = {}  # what the core is to see in an urgent cycle
+        self._committed_since_snapshot: set[str] = set()
         self._roster: tuple[str, ...] = ()
         self.unknown: dict[str, int] = {}
         self.counters: Counter[str] = Counter()
@@ -77,6 +78,7 @@ class RackTable:
         self._roster = roster
         self._racks = {rid: self._racks.get(rid, RackInput(rid)) for rid in roster}
         self._committed = dict(self._racks)
+        self._committed_since_snapshot.clear()
         for rid in roster:
             self.unknown.pop(rid, None)
 
@@ -128,6 +130,7 @@ class RackTable:
     def _commit(self, rack_input: RackInput) -> None:
         self._racks[rack_input.rack_id] = rack_input
         self._committed[rack_input.rack_id] = rack_input
+        self._committed_since_snapshot.add(rack_input.rack_id)
 
     def _unknown(self, rack_id: str, why: str) -> Ingest:
         self.counters["unknown_rack"] += 1
@@ -139,10 +142,16 @@ class RackTable:
         return Ingest(rack_id, False, False, why)
 
     def snapshot(self, clear_command_s: float | None, *, full: bool = True) -> Snapshot:
-        """The inputs for a cycle: every latest one (``full``, which commits them), else the committed."""
+        """The inputs for a cycle: every latest one (``full``, which commits them), else the committed.
+
+        An urgent snapshot names the racks committed since the previous snapshot (``changed``).
+        """
+        changed = None if full else frozenset(self._committed_since_snapshot)
+        self._committed_since_snapshot.clear()
         if full:
             self._committed = dict(self._racks)
         return Snapshot(
+            changed=changed,
             racks=dict(self._committed),
             unknown_racks=tuple(sorted(self.unknown)),
             clear_command_s=clear_command_s,

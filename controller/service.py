@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import can
 from cantools.database.errors import DecodeError as CanDecodeError
@@ -147,6 +147,7 @@ class ControllerService:
         self._last_sent_at = -1e9
         self._next_heartbeat = 0.0
         self._last_full_cycle = -1e9
+        self._last_cycle_failed = False
         self._last_state_publish = -1e9
         self._state_publish_pending = False  # an urgent set went out and its state is not published yet
         self._clear_command_s: float | None = None
@@ -259,7 +260,13 @@ class ControllerService:
         """
         now = self._monotonic()
         snapshot = self.table.snapshot(self._clear_command_s, full=full)
+        if self._last_cycle_failed:
+            # The table names what changed since its previous snapshot, which the failed cycle's
+            # core never saw: let the core compare every rack.
+            snapshot = replace(snapshot, changed=None)
+        self._last_cycle_failed = True
         state, self.memory = step(snapshot, self.config, now, self._wall(), self.memory, inputs_only=not full)
+        self._last_cycle_failed = False
         if full:
             self._last_full_cycle = now
         self.state = state

@@ -34,7 +34,7 @@ consolidated DVL (else 0 V), kept below CVL.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import attrgetter
@@ -210,6 +210,7 @@ class StepCache:
     clear_command_s: float | None
     racks: Mapping[str, RackMemory]
     entries: Mapping[str, _Entry]
+    roster_by_id: Mapping[str, RosterRack]
 
 
 def _entry(
@@ -390,9 +391,22 @@ def step(
         and cache.clear_command_s == snapshot.clear_command_s
     ):
         previous_entries = cache.entries
+    roster_by_id: Mapping[str, RosterRack] = (
+        cache.roster_by_id if cache is not None and cache.config is config
+        else MappingProxyType({rr.rack_id: rr for rr in config.roster})
+    )
     hold_s, ramp_s = agg.readmit_hold_s, agg.readmit_ramp_s
-    entries: dict[str, _Entry] = {}
-    for rr in config.roster:
+    entries: dict[str, _Entry]
+    candidates: Iterable[RosterRack]
+    if inputs_only and snapshot.changed is not None and len(previous_entries) == len(config.roster):
+        # Only the racks the shell names can differ from last cycle's in an inputs-only cycle:
+        # start from last cycle's outcomes (roster order kept) and look at those alone.
+        entries = dict(previous_entries)
+        candidates = [roster_by_id[r] for r in sorted(snapshot.changed) if r in roster_by_id]
+    else:
+        entries = {}
+        candidates = config.roster
+    for rr in candidates:
         rack_id = rr.rack_id
         given = snapshot.racks.get(rack_id)
         entry = previous_entries.get(rack_id)
@@ -529,7 +543,7 @@ def step(
         last_pack_voltage_v=pack_voltage_v,
         last_dvl_v=volts.dvl_from_racks_v if volts.dvl_from_racks_v is not None else memory.last_dvl_v,
         racks=rack_memories,
-        cache=StepCache(config, snapshot.clear_command_s, rack_memories, entries),
+        cache=StepCache(config, snapshot.clear_command_s, rack_memories, entries, roster_by_id),
     )
     return state, next_memory
 

@@ -34,3 +34,7 @@ class Snapshot:
     # Monotonic time of the latest accepted "clear latched alarms" command (None: never).
     clear_command_s: float | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
+    # Ids whose input may differ from the previous cycle's snapshot; every other rack's input is
+    # the very object that cycle saw. None: unknown (the core compares every rack). An inputs-only
+    # cycle then touches only these racks instead of walking the roster.
+    changed: frozenset[str] | None = None

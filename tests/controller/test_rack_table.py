@@ -119,8 +119,12 @@ def test_urgent_snapshot_holds_routine_payloads_back_until_a_full_cycle() -> Non
     lowered = _send(table, rack="rack-02", seq=2, now=1.6, measurements=half)
     assert lowered.urgent
     urgent = table.snapshot(None, full=False)
+    assert urgent.changed == {"rack-02"}  # what was committed since the previous snapshot
+    assert first.changed is None  # a full snapshot: the core compares every rack
     assert urgent.racks["rack-01"] is first.racks["rack-01"]  # the routine one waits
     assert urgent.racks["rack-02"].received_s == 1.6  # the lowering is in at once
     full = table.snapshot(None)
     assert full.racks["rack-01"].received_s == 1.5
-    assert table.snapshot(None, full=False).racks == full.racks  # committed now
+    again = table.snapshot(None, full=False)
+    assert again.racks == full.racks  # committed now
+    assert again.changed == frozenset()
