@@ -272,3 +272,34 @@ async def test_consolidated_state_is_published_for_monitoring(rig: Any, mqtt_bro
     finally:
         collector.cancel()
         await watcher.stop()
+
+
+async def test_after_a_failed_cycle_the_core_compares_every_rack(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table names the racks committed since its previous snapshot; a cycle that failed consumed that
+    list without the core seeing it, so the next cycle must not rely on it."""
+    svc, _bus, pub, topics = rig
+    await _feed(pub, topics, 100.0, 0.5)
+    real_step = service_module.step
+    seen: list[frozenset[str] | None] = []
+    fail = [True]
+
+    def recording(snapshot: Any, *a: Any, **k: Any) -> Any:
+        seen.append(snapshot.changed)
+        if fail[0] and k.get("inputs_only"):
+            fail[0] = False
+            raise RuntimeError("injected core defect")
+        return real_step(snapshot, *a, **k)
+
+    monkeypatch.setattr(service_module, "step", recording)
+    svc.table.ingest(topics.rack_telemetry("rack-01"), encode(telemetry(
+        rack_id="rack-01", seq=10_000, timestamp_s=1_800_000_000.0,
+        measurements=measurements(charge_current_limit_a=10.0))), time.monotonic())
+    with pytest.raises(RuntimeError):
+        svc.cycle(heartbeat_due=False, full=False)  # urgent cycle: told {"rack-01"}, fails
+    svc.cycle(heartbeat_due=False, full=False)
+    assert seen[-2] == {"rack-01"}
+    assert seen[-1] is None  # not the (now empty) list of the failed cycle
+    svc.cycle(heartbeat_due=False, full=False)
+    assert seen[-1] == frozenset()  # a successful cycle before it: the shortcut is back
