@@ -24,6 +24,7 @@ from controller.can_port import CanPort
 from controller.core.engine import CoreMemory, step
 from controller.failover import PeerBeat, Role, RoleMachine, WireRole
 from controller.frames import FrameEncoder
+from controller.metrics import ControllerMetrics
 from controller.modbus_server import ConsolidatedModbusServer
 from controller.rack_table import RackTable
 from shared.cluster import ConsolidatedState, ControllerStatus, LeaderRecord, RackState
@@ -165,6 +166,7 @@ class ControllerService:
         self.mqtt.subscribe(self.topics.leader, qos=1)
         self._leader_decoder: Decoder[LeaderRecord] = Decoder(LeaderRecord)
         self._tasks: list[asyncio.Task[None]] = []
+        self.metrics = ControllerMetrics(self)
         self.modbus: ConsolidatedModbusServer | None = (
             ConsolidatedModbusServer(config.modbus_server) if config.modbus_server.enabled else None
         )
@@ -451,6 +453,7 @@ class ControllerService:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.metrics.serve(self.config.metrics)
         self.can.open()
         self._last_pulse = self._monotonic()
         if self.modbus is not None:
@@ -471,6 +474,7 @@ class ControllerService:
         self.can.close()
         if self.modbus is not None:
             await self.modbus.stop()
+        self.metrics.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()

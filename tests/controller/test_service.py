@@ -18,7 +18,7 @@ from controller.frames import FrameDecoder
 from controller.service import ControllerService, must_send_now
 from shared.cluster import ClusterFlags, ConsolidatedState
 from shared.codec import Decoder, encode
-from shared.config import MqttConfig, validate_config
+from shared.config import MetricsConfig, MqttConfig, validate_config
 from shared.controller_config import ControllerConfig, Dialect
 from shared.models import ProtectionFlags
 from shared.mqtt import MqttSession
@@ -303,3 +303,55 @@ async def test_after_a_failed_cycle_the_core_compares_every_rack(
     assert seen[-1] is None  # not the (now empty) list of the failed cycle
     svc.cycle(heartbeat_due=False, full=False)
     assert seen[-1] == frozenset()  # a successful cycle before it: the shortcut is back
+
+
+async def test_metrics_endpoint_reports_what_the_controller_counts(
+    mqtt_broker: MosquittoBroker, unique_topic_prefix: str
+) -> None:
+    """Opt-in Prometheus endpoint: events, payload outcomes (a garbage payload and a stranger counted),
+    links, role and the limits last sent to the inverter."""
+    import urllib.request  # noqa: PLC0415
+
+    channel = f"inv-{free_port()}"
+    port = free_port()
+    cfg = config(mqtt_broker, unique_topic_prefix, channel).model_copy(
+        update={"metrics": MetricsConfig(enabled=True, host="127.0.0.1", port=port)})
+    bus = Bus(channel)
+    svc = ControllerService(cfg)
+    pub = MqttSession(MqttConfig(host="127.0.0.1", port=mqtt_broker.port, topic_prefix=unique_topic_prefix),
+                      "metrics-pub")
+    await svc.start()
+    await pub.start()
+    try:
+        assert await pub.wait_connected(5) and await svc.mqtt.wait_connected(5)
+        topics = Topics(unique_topic_prefix, "site-a")
+        await _feed(pub, topics, 100.0, 1.2)
+        pub.publish(topics.rack_telemetry("rack-01"), b"\x00garbage")
+        pub.publish(topics.rack_telemetry("rack-77"), encode(telemetry(rack_id="rack-77")))
+        await wait_until(lambda: svc.table.counters["unknown_rack"] >= 1, 2, "the stranger")
+
+        def fetch() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                return r.read().decode()
+
+        text = await asyncio.to_thread(fetch)
+        assert 'bmslink_controller_events_total{event="heartbeat_sets"}' in text
+        assert 'bmslink_controller_telemetry_total{outcome="accepted"}' in text
+        assert 'bmslink_controller_telemetry_total{outcome="rejected_malformed"} 1.0' in text
+        assert 'bmslink_controller_unknown_rack_payloads_total{rack="rack-77"} 1.0' in text
+        assert 'bmslink_controller_up{link="mqtt"} 1.0' in text
+        assert 'bmslink_controller_role{role="active"} 1.0' in text
+        assert 'bmslink_controller_limit{limit="charge_current_a"}' in text
+        assert 'bmslink_controller_rack_state{rack="rack-02",state="ok"} 1.0' in text
+    finally:
+        await pub.stop()
+        await svc.stop()
+        bus.close()
+
+
+def test_metrics_are_off_by_default(mqtt_broker: MosquittoBroker, unique_topic_prefix: str) -> None:
+    cfg = config(mqtt_broker, unique_topic_prefix, "unused")
+    assert cfg.metrics.enabled is False
+    svc = ControllerService(cfg)
+    svc.metrics.serve(cfg.metrics)
+    assert svc.metrics._server is None
