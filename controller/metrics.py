@@ -10,16 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
-from threading import Thread
 from typing import TYPE_CHECKING
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from shared.cluster import RackState
-from shared.config import MetricsConfig
+from shared.metrics import MetricsEndpoint
 
 if TYPE_CHECKING:
     from controller.service import ControllerService
@@ -85,22 +82,7 @@ class _ServiceCollector(Collector):
         yield racks
 
 
-class ControllerMetrics:
+class ControllerMetrics(MetricsEndpoint):
     def __init__(self, service: ControllerService) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.registry.register(_ServiceCollector(service))
-        self._server: WSGIServer | None = None
-        self._thread: Thread | None = None
-
-    def serve(self, config: MetricsConfig) -> None:
-        if config.enabled:
-            self._server, self._thread = start_http_server(config.port, config.host, registry=self.registry)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=2)
-            self._thread = None

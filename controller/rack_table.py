@@ -17,7 +17,6 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
-from controller.core.faults import raised_names
 from controller.core.snapshot import RackInput, Snapshot
 from shared.codec import DecodeError, Decoder, telemetry_decoder
 from shared.models import RackCommState, RackTelemetry
@@ -53,7 +52,7 @@ def _urgent_change(old: RackTelemetry | None, new: RackTelemetry) -> bool:
         or b.charge_voltage_limit_v < a.charge_voltage_limit_v
         or b.discharge_voltage_limit_v > a.discharge_voltage_limit_v
         or b.contactor is not a.contactor
-        or (b.alarms.any() and not set(raised_names(b.alarms)) <= set(raised_names(a.alarms)))
+        or not set(b.alarms.raised()) <= set(a.alarms.raised())
         or b.cell_voltage_max_v > a.cell_voltage_max_v + 0.005
         or b.cell_voltage_min_v < a.cell_voltage_min_v - 0.005
         or b.temperature_max_c > a.temperature_max_c + 0.5

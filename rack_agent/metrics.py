@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from threading import Thread
-from wsgiref.simple_server import WSGIServer
+from prometheus_client import Counter, Gauge, Histogram
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
-from shared.config import MetricsConfig
+from shared.metrics import MetricsEndpoint
 
 _LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
-class AgentMetrics:
+class AgentMetrics(MetricsEndpoint):
     def __init__(self, rack_id: str) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         labels = ["rack", "unit"]
         self.poll_latency = Histogram(
             "bmslink_agent_poll_latency_seconds", "Duration of successful unit polls", labels,
@@ -33,18 +30,3 @@ class AgentMetrics:
         self.publish_dropped = Counter("bmslink_agent_publish_dropped", "Telemetry not sent (broker away)",
                                        ["rack"], registry=self.registry)
         self.rack_id = rack_id
-        self._server: WSGIServer | None = None
-        self._thread: Thread | None = None
-
-    def serve(self, config: MetricsConfig) -> None:
-        if config.enabled:
-            self._server, self._thread = start_http_server(config.port, config.host, registry=self.registry)
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=2)
-            self._thread = None

@@ -100,18 +100,6 @@ def latch_label(latch: Latch) -> str:
 NO_LATCHES: Final[Mapping[str, Latch]] = MappingProxyType({})
 
 
-def raised_names(flags: ProtectionFlags) -> tuple[str, ...]:
-    """``flags.raised()`` without pydantic's iteration protocol (about 5× faster, on the hot path).
-
-    A frozen ``extra="forbid"`` model keeps exactly its fields, in declaration order, in
-    ``__dict__``; ``tests/controller/core/test_cache.py`` checks the two agree on every flag set.
-    """
-    values = flags.__dict__
-    if not any(values.values()):
-        return ()
-    return tuple(name for name, value in values.items() if value)
-
-
 def update_latches(
     previous: Mapping[str, Latch],
     alarms: ProtectionFlags | None,
@@ -123,7 +111,7 @@ def update_latches(
     ``alarms`` is the reporting telemetry's alarm set (None when the rack is not reporting:
     latches then neither rise nor clear) and ``observed_s`` the time that payload arrived.
     """
-    raised_now = frozenset(raised_names(alarms)) if alarms is not None else frozenset()
+    raised_now = frozenset(alarms.raised()) if alarms is not None else frozenset()
     if not previous and not raised_now:
         return NO_LATCHES  # the usual case: nothing latched, nothing raised
     result: dict[str, Latch] = {}

@@ -53,7 +53,6 @@ from operator import attrgetter
 from types import MappingProxyType
 from typing import Final
 
-from controller.core.faults import raised_names
 from shared.controller_config import AggregationConfig, CurrentPolicy
 from shared.models import ProtectionFlags, RackMeasurements
 
@@ -126,8 +125,8 @@ class Member:
             m.temperature_min_c,
         )
         object.__setattr__(self, "numbers", numbers)
-        object.__setattr__(self, "alarm_names", raised_names(m.alarms))
-        object.__setattr__(self, "warning_names", raised_names(m.warnings))
+        object.__setattr__(self, "alarm_names", m.alarms.raised())
+        object.__setattr__(self, "warning_names", m.warnings.raised())
 
 
 _NUMBERS = attrgetter("numbers")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -63,3 +64,13 @@ async def started_links(agent: RackAgent, timeout_s: float = 5.0) -> None:
 async def stop_links(agent: RackAgent) -> None:
     for link in agent.links.values():
         await link.stop()
+
+
+async def scrape_metrics(port: int) -> str:
+    """The text a Prometheus scrape of 127.0.0.1:``port`` gets (blocking HTTP, off the loop)."""
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            return str(response.read().decode())
+
+    return await asyncio.to_thread(fetch)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +17,7 @@ from shared.models import RackCommState, RackTelemetry
 from shared.mqtt import Message, MqttSession
 from shared.topics import Topics
 from sim.bms_server import SimulatedBms
-from tests.agent.helpers import agent_config, wait_until
+from tests.agent.helpers import agent_config, scrape_metrics, wait_until
 from tests.fixtures.broker import MosquittoBroker, free_port
 
 
@@ -172,11 +171,7 @@ async def test_metrics_endpoint_reports_latency_and_failures(
             lambda: agent.units["bms"].health.counts["modbus_exception"] >= 1, 5.0, "an exception"
         )
 
-        def fetch() -> str:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-                return r.read().decode()
-
-        text = await asyncio.to_thread(fetch)
+        text = await scrape_metrics(port)
         assert 'bmslink_agent_polls_total{outcome="ok",rack="rack-01",unit="bms"}' in text
         assert 'outcome="modbus_exception"' in text
         assert "bmslink_agent_poll_latency_seconds_bucket" in text

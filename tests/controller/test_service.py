@@ -23,7 +23,7 @@ from shared.controller_config import ControllerConfig, Dialect
 from shared.models import ProtectionFlags
 from shared.mqtt import MqttSession
 from shared.topics import Topics
-from tests.agent.helpers import wait_until
+from tests.agent.helpers import scrape_metrics, wait_until
 from tests.contract.samples import measurements, telemetry
 from tests.fixtures.broker import MosquittoBroker, free_port
 
@@ -310,8 +310,6 @@ async def test_metrics_endpoint_reports_what_the_controller_counts(
 ) -> None:
     """Opt-in Prometheus endpoint: events, payload outcomes (a garbage payload and a stranger counted),
     links, role and the limits last sent to the inverter."""
-    import urllib.request  # noqa: PLC0415
-
     channel = f"inv-{free_port()}"
     port = free_port()
     cfg = config(mqtt_broker, unique_topic_prefix, channel).model_copy(
@@ -330,11 +328,7 @@ async def test_metrics_endpoint_reports_what_the_controller_counts(
         pub.publish(topics.rack_telemetry("rack-77"), encode(telemetry(rack_id="rack-77")))
         await wait_until(lambda: svc.table.counters["unknown_rack"] >= 1, 2, "the stranger")
 
-        def fetch() -> str:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-                return r.read().decode()
-
-        text = await asyncio.to_thread(fetch)
+        text = await scrape_metrics(port)
         assert 'bmslink_controller_events_total{event="heartbeat_sets"}' in text
         assert 'bmslink_controller_telemetry_total{outcome="accepted"}' in text
         assert 'bmslink_controller_telemetry_total{outcome="rejected_malformed"} 1.0' in text
