@@ -204,9 +204,14 @@ class Chain:
     def rack_id(self, i: int) -> str:
         return f"rack-{i + 1:02d}"
 
-    async def start(self, *, wait_ready: bool = True,
+    async def start(self, *, wait_ready: bool = True, ctl_1_active_first: bool = False,
                     prepare: Callable[[Chain], Awaitable[None]] | None = None) -> None:
-        """Start everything; ``prepare`` runs once the CAN bridge is up, before any controller."""
+        """Start everything; ``prepare`` runs once the CAN bridge is up, before any controller.
+
+        ``ctl_1_active_first``: the other controllers start once ctl-1 is heard active. Started
+        together, the rank stagger (150 ms) decides who is active, and on a loaded machine the
+        start-up of one process can lag another's by more than that.
+        """
         self.bridge = CanBridge(self.tmp / "can")
         await asyncio.to_thread(self.bridge.start)
         if prepare is not None:
@@ -230,6 +235,8 @@ class Chain:
         else:
             for k in range(self.controllers):
                 self.start_controller(f"ctl-{k + 1}", node_number=k + 1, rank=k)
+                if k == 0 and ctl_1_active_first:
+                    await self.wait_for(lambda: self.recorder.active_node() == 1, 20.0, "ctl-1 active")
         self.status_file = self.tmp / "inverter.json"
         self.procs.start("inverter", bmslink_cli(
             "sim", "inverter", "--interface", "remote", "--channel", self.bridge.channel,

@@ -132,7 +132,7 @@ async def test_active_losing_the_broker_hands_over_in_order(
 
     chain.start_controller = start_controller  # type: ignore[method-assign]
     try:
-        await chain.start()
+        await chain.start(ctl_1_active_first=True)
         await chain.settle()
         assert chain.recorder.active_node() == 1
         cut = time.monotonic()
@@ -177,7 +177,7 @@ async def test_active_whose_can_side_fails_is_replaced(
 
     chain.start_controller = start_controller  # type: ignore[method-assign]
     try:
-        await chain.start(prepare=prepare)
+        await chain.start(prepare=prepare, ctl_1_active_first=True)
         await chain.settle()
         assert chain.recorder.active_node() == 1
         cut = time.monotonic()
