@@ -804,12 +804,12 @@ def core_step_costs(n: int, warm_s: float, cycles: int) -> tuple[float, float, f
     process keeps Python's default collector settings (the controller process raises them)."""
     from controller.core.engine import CoreMemory, step  # noqa: PLC0415
     from controller.core.snapshot import RackInput, Snapshot  # noqa: PLC0415
-    from shared.codec import telemetry_decoder  # noqa: PLC0415
     from shared.config import validate_config  # noqa: PLC0415
     from shared.controller_config import ControllerConfig  # noqa: PLC0415
+    from shared.records import TelemetryDecoder  # noqa: PLC0415
 
     cfg = validate_config(tomllib.loads(controller_toml(1883, "127.0.0.1:1", n)), ControllerConfig, "<bench>")
-    decoder = telemetry_decoder()
+    decoder = TelemetryDecoder()  # the controller's in-process form of the payload
     ids = rack_ids(n)
     telemetry = {}
     for rid in ids:

@@ -18,8 +18,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 from controller.core.snapshot import RackInput, Snapshot
-from shared.codec import DecodeError, Decoder, telemetry_decoder
-from shared.models import RackCommState, RackTelemetry
+from shared.codec import DecodeError
+from shared.models import RackCommState
+from shared.records import TelemetryDecoder, TelemetryRecord
 from shared.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class Ingest:
     reason: str = ""
 
 
-def _urgent_change(old: RackTelemetry | None, new: RackTelemetry) -> bool:
+def _urgent_change(old: TelemetryRecord | None, new: TelemetryRecord) -> bool:
     """True if ``new`` may lower the bank limits or raise an alarm compared with ``old``."""
     if old is None:
         return False  # a newly heard rack can only add current, and it is re-admitted slowly anyway
@@ -63,7 +64,7 @@ class RackTable:
     def __init__(self, topics: Topics, roster: tuple[str, ...], site_id: str, max_payload_bytes: int) -> None:
         self.topics = topics
         self.site_id = site_id
-        self.decoder: Decoder[RackTelemetry] = telemetry_decoder(max_payload_bytes)
+        self.decoder = TelemetryDecoder(max_payload_bytes)
         self._racks: dict[str, RackInput] = {}  # the latest input of every roster rack
         self._committed: dict[str, RackInput] = {}  # what the core is to see in an urgent cycle
         self._committed_since_snapshot: set[str] = set()

@@ -33,7 +33,8 @@ from controller.core.faults import Direction, Latch, direction_of, latch_label
 from controller.core.snapshot import RackInput
 from shared.cluster import RackState
 from shared.controller_config import RosterRack
-from shared.models import ContactorState, RackCommState, RackMeasurements, RackTelemetry
+from shared.models import ContactorState, RackCommState
+from shared.records import MeasurementsRecord, TelemetryRecord
 
 STALE_AFTER_POLLS = 3
 STALE_AFTER_MIN_S = 1.0
@@ -51,11 +52,11 @@ class Reading:
 
     link_state: RackState | None
     reason: str
-    measurements: RackMeasurements | None = None
+    measurements: MeasurementsRecord | None = None
     received_s: float | None = None
 
 
-def stale_after_s(roster_rack: RosterRack, telemetry: RackTelemetry) -> float:
+def stale_after_s(roster_rack: RosterRack, telemetry: TelemetryRecord) -> float:
     """How old the rack's last valid telemetry may be before the rack is stale, in seconds."""
     if roster_rack.stale_after_ms is not None:
         return roster_rack.stale_after_ms / 1000.0

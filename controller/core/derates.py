@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 from controller.core.tables import Harmful, interpolate, play
 from shared.controller_config import AggregationConfig, CellTaperConfig, ThermalDerateConfig
-from shared.models import RackMeasurements
+from shared.records import MeasurementsRecord
 
 # Below this spread of sample times (s²) a slope is noise; treat the temperature as flat.
 MIN_TIME_SPREAD_S2 = 1e-6
@@ -150,7 +150,7 @@ def slope_per_s(samples: Sequence[tuple[float, float]]) -> float:
 
 def derate_rack(
     memory: DerateMemory,
-    measurements: RackMeasurements | None,
+    measurements: MeasurementsRecord | None,
     received_s: float | None,
     now_s: float,
     config: AggregationConfig,
@@ -207,7 +207,7 @@ def _window(
 def _thermal(
     config: ThermalDerateConfig,
     slope: float,
-    m: RackMeasurements,
+    m: MeasurementsRecord,
     held_c: float | None,
 ) -> tuple[float, float | None, str]:
     if not config.enabled:
@@ -227,7 +227,7 @@ def _thermal(
 
 
 def _taper(
-    config: CellTaperConfig, m: RackMeasurements, memory: DerateMemory
+    config: CellTaperConfig, m: MeasurementsRecord, memory: DerateMemory
 ) -> tuple[float, float | None, str, float, float | None, str]:
     if not config.enabled:
         return 1.0, None, "", 1.0, None, ""

@@ -43,6 +43,7 @@ from types import MappingProxyType
 from typing import Final
 
 from shared.models import PROTECTION_FLAG_NAMES, ProtectionFlags
+from shared.records import FlagsRecord
 
 
 class Direction(StrEnum):
@@ -102,7 +103,7 @@ NO_LATCHES: Final[Mapping[str, Latch]] = MappingProxyType({})
 
 def update_latches(
     previous: Mapping[str, Latch],
-    alarms: ProtectionFlags | None,
+    alarms: FlagsRecord | None,
     observed_s: float,
     clear_command_s: float | None,
 ) -> Mapping[str, Latch]:

@@ -54,7 +54,8 @@ from types import MappingProxyType
 from typing import Final
 
 from shared.controller_config import AggregationConfig, CurrentPolicy
-from shared.models import ProtectionFlags, RackMeasurements
+from shared.models import ProtectionFlags
+from shared.records import MeasurementsRecord
 
 # shared.models.Location allows 64 characters; "rack-id: location" is cut to fit.
 LOCATION_MAX_LEN = 64
@@ -92,7 +93,7 @@ class Member:
     """One rack as the table sees it: its telemetry, its roster capacity, share and derated limits."""
 
     rack_id: str
-    measurements: RackMeasurements
+    measurements: MeasurementsRecord
     capacity_ah: float
     share: float = 0.0
     charge_limit_a: float = 0.0
@@ -295,7 +296,7 @@ def current_limit(policy: CurrentPolicy, side: Side) -> Combine:
     return combine
 
 
-Location = Callable[[RackMeasurements], str]
+Location = Callable[[MeasurementsRecord], str]
 
 
 def _place(member: Member, location: str) -> str:

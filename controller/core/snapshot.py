@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shared.models import RackTelemetry
+from shared.records import TelemetryRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +19,7 @@ class RackInput:
     """
 
     rack_id: str
-    telemetry: RackTelemetry | None = None
+    telemetry: TelemetryRecord | None = None
     received_s: float | None = None
     invalid_at_s: float | None = None
     invalid_reason: str = ""

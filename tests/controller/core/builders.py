@@ -24,6 +24,7 @@ from shared.models import (
     RackTelemetry,
     UnitLink,
 )
+from shared.records import TelemetryRecord, record_of
 
 SITE = "site-t"
 WALL_OFFSET_S = 1_700_000_000.0
@@ -61,8 +62,9 @@ def telemetry(
     capacity: float = 100.0,
     seq: int = 0,
     site: str = SITE,
-) -> RackTelemetry:
-    """One rack's telemetry with neutral defaults (no derate applies, 100 A both ways)."""
+) -> TelemetryRecord:
+    """One rack's telemetry with neutral defaults (no derate applies, 100 A both ways): validated by
+    the contract's models, as the controller holds it (a record, ``shared.records``)."""
     measurements = RackMeasurements(
         pack_voltage_v=voltage,
         current_a=current,
@@ -85,7 +87,7 @@ def telemetry(
         contactor=contactor,
         capacity_ah=capacity,
     )
-    return RackTelemetry(
+    return record_of(RackTelemetry(
         site_id=site,
         rack_id=rack_id,
         seq=seq,
@@ -94,7 +96,7 @@ def telemetry(
         comm_state=RackCommState.COMM_LOST if comm_lost else RackCommState.OK,
         measurements=measurements,
         units=(UnitLink(unit="bms", status=LinkStatus.TIMEOUT if comm_lost else LinkStatus.OK),),
-    )
+    ))
 
 
 def config(
@@ -120,7 +122,7 @@ def config(
     )
 
 
-RackSpec = RackTelemetry | RackInput | None
+RackSpec = TelemetryRecord | RackInput | None
 
 
 def snapshot(

@@ -1,0 +1,307 @@
+"""The controller's records (``shared.records``) are a fast path of the pydantic contract, never a
+second contract: they accept nothing the models reject, and what they accept has the models' values.
+
+``agree`` is the rule, checked on every payload below: if the records accept, the models accept
+and the record equals the model's; and ``TelemetryDecoder`` (records, then models for what the
+records refuse) gives the models' outcome, the same rejection reason included.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import annotated_types
+import msgpack
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from shared.codec import DecodeError, Decoder, RejectReason, encode, telemetry_decoder
+from shared.models import (
+    SCHEMA_MAJOR,
+    ContactorState,
+    LinkCounters,
+    LinkStatus,
+    ProtectionFlags,
+    RackCommState,
+    RackMeasurements,
+    RackTelemetry,
+    UnitLink,
+)
+from shared.records import (
+    FlagsRecord,
+    LinkCountersRecord,
+    MeasurementsRecord,
+    TelemetryDecoder,
+    TelemetryRecord,
+    UnitLinkRecord,
+    record_of,
+)
+from tests.contract.samples import telemetry
+
+PAIRS: list[tuple[type[BaseModel], type[msgspec.Struct]]] = [
+    (ProtectionFlags, FlagsRecord),
+    (LinkCounters, LinkCountersRecord),
+    (UnitLink, UnitLinkRecord),
+    (RackMeasurements, MeasurementsRecord),
+    (RackTelemetry, TelemetryRecord),
+]
+
+_FAST = msgspec.msgpack.Decoder(TelemetryRecord)
+
+
+def _raw() -> dict[str, Any]:
+    raw: dict[str, Any] = msgpack.unpackb(encode(telemetry()), raw=False)
+    return raw
+
+
+def _pack(obj: object) -> bytes:
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
+
+
+def agree(payload: bytes) -> TelemetryRecord | None:
+    """Check the rule on one payload; the record when the records' fast path accepted it."""
+    try:
+        fast: TelemetryRecord | None = _FAST.decode(payload)
+    except (msgspec.DecodeError, ValueError, TypeError):
+        fast = None
+    if fast is not None and fast.schema_version[0] != SCHEMA_MAJOR:
+        fast = None
+    authority = telemetry_decoder()
+    model: RackTelemetry | None
+    try:
+        model = authority.decode(payload)
+    except DecodeError as exc:
+        model, reason = None, exc.reason
+    if fast is not None:
+        assert model is not None, f"records accepted what the models reject: {fast}"
+        assert fast == record_of(model)
+    decoder = TelemetryDecoder()
+    if model is None:
+        with pytest.raises(DecodeError) as info:
+            decoder.decode(payload)
+        assert info.value.reason is reason
+        assert decoder.rejected == authority.rejected
+        assert decoder.accepted == 0
+    else:
+        assert decoder.decode(payload) == record_of(model)
+        assert decoder.accepted == 1
+        assert decoder.fast_accepted == (1 if fast is not None else 0)
+    return fast
+
+
+@pytest.mark.parametrize(("model", "record"), PAIRS)
+def test_each_record_has_the_models_fields_in_order_with_their_defaults(
+    model: type[BaseModel], record: type[msgspec.Struct]
+) -> None:
+    assert record.__struct_fields__ == tuple(model.model_fields)
+    defaults = {
+        f.name: f.default for f in msgspec.structs.fields(record) if f.default is not msgspec.NODEFAULT
+    }
+    for name, info in model.model_fields.items():
+        if name == "schema_version":
+            assert name not in defaults  # the wire must carry it (the codec refuses a payload without)
+            continue
+        if info.is_required():
+            assert name not in defaults, name
+        else:
+            mine = defaults[name]
+            theirs = info.get_default(call_default_factory=True)
+            mine_plain = msgspec.to_builtins(mine) if isinstance(mine, msgspec.Struct) else mine
+            theirs_plain = theirs.model_dump(mode="json") if isinstance(theirs, BaseModel) else theirs
+            assert mine_plain == theirs_plain, name
+
+
+def test_the_sample_payload_takes_the_fast_path() -> None:
+    assert agree(encode(telemetry())) is not None
+
+
+def test_a_payload_only_the_models_accept_goes_through_them() -> None:
+    raw = _raw()
+    raw["measurements"]["soc_pct"] = "64.5"  # pydantic's lax mode takes a numeric string
+    raw["measurements"]["alarms"]["cell_over_voltage"] = 0
+    decoder = TelemetryDecoder()
+    record = decoder.decode(_pack(raw))
+    assert record.measurements is not None and record.measurements.soc_pct == 64.5
+    assert decoder.fast_accepted == 0 and decoder.accepted == 1
+    assert agree(_pack(raw)) is None
+
+
+def _numeric_bounds(model: type[BaseModel]) -> list[tuple[str, float | None, float | None]]:
+    bounds = []
+    for name, info in model.model_fields.items():
+        ge = next((m.ge for m in info.metadata if isinstance(m, annotated_types.Ge)), None)
+        le = next((m.le for m in info.metadata if isinstance(m, annotated_types.Le)), None)
+        if ge is not None or le is not None:
+            bounds.append((name, ge, le))
+    return bounds
+
+
+def _probes(ge: float | None, le: float | None) -> list[object]:
+    values: list[object] = [math.nan, math.inf, -math.inf, True, None, "1"]
+    for bound in (ge, le):
+        if bound is not None:
+            values += [bound, math.nextafter(bound, -math.inf), math.nextafter(bound, math.inf),
+                       bound - 1, bound + 1, int(bound)]
+    return values
+
+
+@pytest.mark.parametrize(("name", "ge", "le"), _numeric_bounds(RackMeasurements))
+def test_every_measurement_bound_is_the_models(name: str, ge: float | None, le: float | None) -> None:
+    for value in _probes(ge, le):
+        raw = _raw()
+        raw["measurements"][name] = value
+        agree(_pack(raw))
+
+
+@pytest.mark.parametrize(("name", "ge", "le"), _numeric_bounds(RackTelemetry) + _numeric_bounds(UnitLink))
+def test_every_top_level_and_unit_bound_is_the_models(name: str, ge: float | None, le: float | None) -> None:
+    for value in _probes(ge, le):
+        raw = _raw()
+        if name in raw:
+            raw[name] = value
+        else:
+            raw["units"][0][name] = value
+        agree(_pack(raw))
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.pop("schema_version"),
+        lambda d: d.update(schema_version=[2, 0]),
+        lambda d: d.update(schema_version=[1, 0, 0]),
+        lambda d: d.update(schema_version=[True, 0]),
+        lambda d: d.update(schema_version=[1, 9]),
+        lambda d: d.update(rack_id="rack-01\n"),
+        lambda d: d.update(rack_id="-rack"),
+        lambda d: d.update(rack_id="r" * 65),
+        lambda d: d.update(surprise=1),
+        lambda d: d["measurements"].update(surprise=1),
+        lambda d: d["measurements"]["alarms"].update(surprise=True),
+        lambda d: d["units"][0]["counters"].update(surprise=1),
+        lambda d: d.update(units=[]),
+        lambda d: d.update(units=d["units"] * 65),
+        lambda d: d.update(measurements=None),
+        lambda d: d.update(comm_state="comm_lost"),
+        lambda d: d.update(comm_state="comm_lost", measurements=None),
+        lambda d: d["measurements"].update(cell_voltage_min_v=3.5),
+        lambda d: d["measurements"].update(temperature_min_c=30.0),
+        lambda d: d["measurements"].update(contactor="ajar"),
+        lambda d: d["measurements"].pop("contactor"),
+        lambda d: d["measurements"].pop("alarms"),
+        lambda d: d["measurements"].pop("soc_pct"),
+        lambda d: d["measurements"].update(cell_voltage_max_location="x" * 65),
+        lambda d: d["units"][0].update(status="asleep"),
+        lambda d: d["units"][0].update(last_exception_code=256),
+    ],
+)
+def test_structural_defects_get_the_models_verdict(mutate: Any) -> None:
+    raw = _raw()
+    mutate(raw)
+    agree(_pack(raw))
+
+
+def test_non_map_garbage_and_oversize_get_the_models_verdict() -> None:
+    for payload in (_pack([1, 2]), b"\xc1\x00", b"", _pack(_raw()) + b"\x00"):
+        agree(payload)
+    decoder = TelemetryDecoder(max_payload_bytes=256)
+    with pytest.raises(DecodeError) as info:
+        decoder.decode(encode(telemetry()))
+    assert info.value.reason is RejectReason.OVERSIZED
+    assert Decoder(RackTelemetry, 256).max_payload_bytes == decoder.max_payload_bytes
+
+
+_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.text(max_size=70)
+    | st.binary(max_size=8)
+)
+_tree = st.recursive(
+    _leaf,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=10), kids, max_size=3),
+    max_leaves=10,
+)
+_PLACES = ["top", "measurements", "alarms", "unit", "counters"]
+
+
+def _place(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    if where == "top":
+        return raw
+    if where == "measurements":
+        return raw["measurements"]  # type: ignore[no-any-return]
+    if where == "alarms":
+        return raw["measurements"]["alarms"]  # type: ignore[no-any-return]
+    if where == "unit":
+        return raw["units"][0]  # type: ignore[no-any-return]
+    return raw["units"][0]["counters"]  # type: ignore[no-any-return]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_any_one_field_set_to_anything_gets_the_models_verdict(data: st.DataObject) -> None:
+    raw = _raw()
+    where = data.draw(st.sampled_from(_PLACES))
+    target = _place(raw, where)
+    name = data.draw(st.sampled_from([*target.keys(), "extra"]))
+    target[name] = data.draw(_tree)
+    agree(_pack(raw))
+
+
+def _within(model: type[BaseModel], name: str) -> st.SearchStrategy[float]:
+    (_, ge, le), = [b for b in _numeric_bounds(model) if b[0] == name]
+    return st.floats(min_value=ge, max_value=le, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def _valid_payloads(draw: st.DrawFn) -> bytes:
+    m: dict[str, Any] = {
+        name: draw(_within(RackMeasurements, name)) for name, _, _ in _numeric_bounds(RackMeasurements)
+    }
+    ordered = (("cell_voltage_min_v", "cell_voltage_max_v"), ("temperature_min_c", "temperature_max_c"))
+    for low, high in ordered:
+        m[low], m[high] = sorted((m[low], m[high]))
+    names = list(ProtectionFlags.model_fields)
+    m["alarms"] = ProtectionFlags(**dict.fromkeys(draw(st.lists(st.sampled_from(names), max_size=3)), True))
+    m["warnings"] = ProtectionFlags(**dict.fromkeys(draw(st.lists(st.sampled_from(names), max_size=3)), True))
+    m["contactor"] = draw(st.sampled_from(ContactorState))
+    m["cell_voltage_max_location"] = draw(st.text(max_size=64))
+    comm = draw(st.sampled_from(RackCommState))
+    if comm is RackCommState.COMM_LOST:
+        m["charge_current_limit_a"] = m["discharge_current_limit_a"] = 0.0
+    units = tuple(
+        UnitLink(unit=f"u{i}", status=draw(st.sampled_from(LinkStatus)),
+                 consecutive_failures=draw(st.integers(0, 2**63 - 1)),
+                 last_exception_code=draw(st.none() | st.integers(0, 255)),
+                 counters=LinkCounters(ok=draw(st.integers(0, 2**63 - 1))))
+        for i in range(draw(st.integers(1, 4)))
+    )
+    model = RackTelemetry(
+        site_id="site-a", rack_id=draw(st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,20}\Z")),
+        seq=draw(st.integers(0, 2**63 - 1)), timestamp_s=draw(st.floats(0, 1e300)),
+        poll_interval_ms=draw(st.integers(10, 60_000)), comm_state=comm,
+        measurements=RackMeasurements(**m) if comm is RackCommState.OK or draw(st.booleans()) else None,
+        units=units,
+    )
+    return encode(model)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_valid_payloads())
+def test_every_valid_payload_takes_the_fast_path_with_the_models_values(payload: bytes) -> None:
+    assert agree(payload) is not None
+
+
+def test_records_read_their_flags_as_the_models_do() -> None:
+    for names in ((), ("cell_over_voltage",), ("internal_fault", "cell_imbalance", "insulation_fault")):
+        model = ProtectionFlags(**dict.fromkeys(names, True))
+        record = msgspec.convert(model.model_dump(), FlagsRecord)
+        assert record.raised() == model.raised()
+        assert record.any() == model.any()
