@@ -167,10 +167,8 @@ def derate_rack(
         # slope never changes with time alone, and a rack's outcome can be reused until its
         # next payload (a window ending at "now" expired a sample between payloads, which
         # doubled the racks to recompute per cycle at a thousand racks).
-        samples, sums = _window(samples, sums, received_s, thermal.window_s)
-        sample = (received_s, measurements.temperature_max_c)
-        samples = (*samples, sample)
-        sums = sums.plus(*sample) if sums is not None else WindowSums.of(samples)
+        samples, sums = _window_with(samples, sums, (received_s, measurements.temperature_max_c),
+                                     thermal.window_s)
     thermal_factor, thermal_held, thermal_note = _thermal(
         thermal, sums.slope() if sums is not None else 0.0, measurements, memory.thermal_held_c
     )
@@ -185,23 +183,24 @@ def derate_rack(
     return derate, DerateMemory(samples, thermal_held, charge_held, discharge_held, sums)
 
 
-def _window(
-    samples: Samples, sums: WindowSums | None, now_s: float, window_s: float
-) -> tuple[Samples, WindowSums | None]:
-    """The samples still in the window, and their sums."""
-    oldest_s = now_s - window_s
+def _window_with(
+    samples: Samples, sums: WindowSums | None, sample: tuple[float, float], window_s: float
+) -> tuple[Samples, WindowSums]:
+    """The window ending at ``sample`` (newer than every sample in ``samples``), and its sums."""
+    oldest_s = sample[0] - window_s
     # Oldest first (times strictly increase): what is left is a suffix, usually all of it.
     first = 0
-    while first < len(samples) and samples[first][0] < oldest_s:
+    count = len(samples)
+    while first < count and samples[first][0] < oldest_s:
         first += 1
-    kept = samples[first:] if first else samples
-    if sums is None or sums.n != len(samples):
-        return kept, WindowSums.of(kept)
+    kept = (*samples[first:], sample)  # the one copy of the window per sample
+    if sums is None or sums.n != count:
+        return kept, WindowSums.of(kept)  # type: ignore[return-value]  # kept is never empty
     for t, v in samples[:first]:
         sums = sums.minus(t, v)
-    if len(kept) < 2 or kept[0][0] - sums.origin_t > window_s:
-        return kept, WindowSums.of(kept)
-    return kept, sums
+    if count - first < 2 or kept[0][0] - sums.origin_t > window_s:
+        return kept, WindowSums.of(kept)  # type: ignore[return-value]
+    return kept, sums.plus(*sample)
 
 
 def _thermal(

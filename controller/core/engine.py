@@ -216,10 +216,14 @@ class StepCache:
 def _entry(
     rack: _Rack, given: RackInput | None, roster_rack: RosterRack, now_s: float, previous: _Entry | None
 ) -> _Entry:
-    latches = ((rack.rack_id, rack.memory.latches),) if rack.memory.latches else ()
-    charge_blocks = blocks(latches, Direction.CHARGE)
-    discharge_blocks = blocks(latches, Direction.DISCHARGE)
-    view = _view(rack, charge_blocks, discharge_blocks, blocks(latches, Direction.REPORT),
+    if rack.memory.latches:
+        latches = ((rack.rack_id, rack.memory.latches),)
+        charge_blocks = blocks(latches, Direction.CHARGE)
+        discharge_blocks = blocks(latches, Direction.DISCHARGE)
+        report_blocks = blocks(latches, Direction.REPORT)
+    else:  # the usual case: nothing latched blocks nothing
+        charge_blocks = discharge_blocks = report_blocks = ()
+    view = _view(rack, charge_blocks, discharge_blocks, report_blocks,
                  previous.view if previous is not None else None)
     reusable = True
     fresh_received_s, stale_limit_s = None, 0.0

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.core.admission import admit, fully_admitted
-from controller.core.derates import WindowSums, _window, slope_per_s
+from controller.core.derates import WindowSums, _window_with, slope_per_s
 from controller.core.engine import CoreMemory, step
 from controller.core.snapshot import RackInput, Snapshot
 from shared.cluster import ConsolidatedState, RackState
@@ -65,10 +65,7 @@ def test_window_sums_give_the_least_squares_slope_over_a_long_run(
     t = start
     for gap, value in steps:
         t += gap
-        samples, sums = _window(samples, sums, t, window_s)
-        samples = (*samples, (t, value))
-        sums = sums.plus(t, value) if sums is not None else WindowSums.of(samples)
-        assert sums is not None
+        samples, sums = _window_with(samples, sums, (t, value), window_s)
         assert sums.n == len(samples)
         expected = slope_per_s(samples)
         # Gaps of 10 ms or more keep the spread of two samples far above the 1e-6 s² cut, where
