@@ -47,6 +47,50 @@ MISC_PERIOD_S = 0.5  # keep-alive housekeeping (PINGREQ when due, dead broker de
 FINAL_PUBLISH_TIMEOUT_S = 1.0
 
 
+READ_AHEAD_BYTES = 64 * 1024
+PACKETS_PER_READ_EVENT = 64  # then the loop runs other callbacks before the next batch
+
+
+class _ReadAheadClient(paho.Client):
+    """A paho client that reads its socket in large chunks.
+
+    paho reads a packet with several small ``recv`` calls (the type byte, each byte of the length,
+    then the body) and ``loop_read`` handles one packet per call, so every message cost several
+    system calls and a trip through the selector. Here one ``recv`` fills a buffer and paho's reads
+    are served from it; :meth:`MqttSession._readable` keeps calling ``loop_read`` while the buffer
+    holds a whole packet's worth of bytes. paho's partial-packet handling is unchanged (it
+    resumes on ``BlockingIOError`` as before). ``_sock_recv`` is paho's private read hook
+    (paho 2.x); tests/contract/test_mqtt_session.py checks a burst is read in few calls.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rx_source: object = None  # the socket the buffer was read from
+        self._rx = b""
+        self._rx_at = 0
+        self.rx_reads = 0  # recv calls on the socket (for tests and the curious)
+
+    def rx_buffered(self) -> int:
+        """Bytes read from the current socket and not yet handed to paho."""
+        if self._rx_source is not self.socket():
+            return 0
+        return len(self._rx) - self._rx_at
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rx_source is not self.socket():  # a new connection: nothing of the old one counts
+            self._rx_source, self._rx, self._rx_at = self.socket(), b"", 0
+        if self._rx_at >= len(self._rx):
+            data = super()._sock_recv(READ_AHEAD_BYTES)  # BlockingIOError, EOF (b"") pass through
+            self.rx_reads += 1
+            if len(data) <= bufsize:
+                self._rx, self._rx_at = b"", 0
+                return data
+            self._rx, self._rx_at = data, 0
+        start = self._rx_at
+        self._rx_at = end = min(len(self._rx), start + bufsize)
+        return self._rx[start:end]
+
+
 class _NoTopicCallbacks(MQTTMatcher):
     """paho's table of per-topic callbacks, for a client that registers none.
 
@@ -123,7 +167,7 @@ class MqttSession:
         self._subscriptions: dict[str, int] = {}
         self._expiry_props: dict[int, Properties] = {}
         self._v5 = config.protocol == "5"
-        self._client = paho.Client(
+        self._client = _ReadAheadClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
@@ -371,10 +415,19 @@ class MqttSession:
             self._unwatch(self._reading_fd)
 
     def _readable(self) -> None:
-        # One packet per call (paho's loop_read with QoS 0 traffic): the loop calls again while the
-        # socket holds more, so a burst never starves the other tasks.
-        self._client.loop_read()
-        sock = self._client.socket()
+        # paho's loop_read handles one packet per call: go on while read-ahead bytes are left, up to
+        # a batch, then let the loop run its other callbacks (the selector calls again for what is
+        # still in the socket; what is only in the buffer is picked up by a scheduled call).
+        client = self._client
+        client.loop_read()
+        for _ in range(PACKETS_PER_READ_EVENT - 1):
+            if not client.rx_buffered():
+                break
+            client.loop_read()
+        else:
+            if client.rx_buffered() and self._loop is not None:
+                self._loop.call_soon(self._readable)
+        sock = client.socket()
         # Decrypted bytes already inside the TLS object do not wake the selector: drain them here.
         # (Mosquitto writes one TLS record per packet, so there is rarely anything left.)
         while isinstance(sock, ssl.SSLSocket) and sock.pending() and self._client.socket() is sock:

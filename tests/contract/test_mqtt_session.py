@@ -144,3 +144,29 @@ async def test_receiving_leaves_no_cyclic_garbage(
     finally:
         await pub.stop()
         await sub.stop()
+
+
+async def test_a_burst_is_read_ahead_in_large_chunks_and_arrives_whole_and_in_order(
+    mqtt_broker: MosquittoBroker, unique_topic_prefix: str
+) -> None:
+    """The session reads the socket in 64 kB chunks and hands paho its packets from them: packets
+    that straddle chunks, and one larger than a chunk, arrive whole; a burst costs few reads."""
+    got: list[bytes] = []
+    sub, pub = await _pair(mqtt_broker.port, unique_topic_prefix, lambda m: got.append(m.payload))
+    sizes = [(i * 7919) % 1500 for i in range(3000)]
+    sizes[1234] = 200_000  # larger than a read-ahead chunk
+    payloads = [bytes([i % 251]) * size + i.to_bytes(4, "big") for i, size in enumerate(sizes)]
+    try:
+        await asyncio.sleep(0.2)  # SUBACK
+        reads_before = sub._client.rx_reads
+        for payload in payloads:
+            pub.publish(f"{unique_topic_prefix}/burst", payload)
+        await wait_until(lambda: len(got) == len(payloads), 10, "the whole burst")
+        assert got == payloads
+        reads = sub._client.rx_reads - reads_before
+        # paho alone made several reads per message (type byte, length bytes, body).
+        assert reads < len(payloads) / 2, f"{reads} socket reads for {len(payloads)} messages"
+        assert sub._client.rx_buffered() == 0
+    finally:
+        await pub.stop()
+        await sub.stop()
