@@ -68,6 +68,7 @@ class RackTable:
         self._racks: dict[str, RackInput] = {}  # the latest input of every roster rack
         self._committed: dict[str, RackInput] = {}  # what the core is to see in an urgent cycle
         self._committed_since_snapshot: set[str] = set()
+        self._stored_since_full: set[str] | None = None  # None: unknown (start, roster change)
         self._roster: tuple[str, ...] = ()
         self.unknown: dict[str, int] = {}
         self.counters: Counter[str] = Counter()
@@ -79,6 +80,7 @@ class RackTable:
         self._racks = {rid: self._racks.get(rid, RackInput(rid)) for rid in roster}
         self._committed = dict(self._racks)
         self._committed_since_snapshot.clear()
+        self._stored_since_full = None
         for rid in roster:
             self.unknown.pop(rid, None)
 
@@ -124,11 +126,16 @@ class RackTable:
         if urgent:
             self._commit(latest)
         else:
-            self._racks[rack_id] = latest
+            self._store(latest)
         return Ingest(rack_id, True, urgent)
 
-    def _commit(self, rack_input: RackInput) -> None:
+    def _store(self, rack_input: RackInput) -> None:
         self._racks[rack_input.rack_id] = rack_input
+        if self._stored_since_full is not None:
+            self._stored_since_full.add(rack_input.rack_id)
+
+    def _commit(self, rack_input: RackInput) -> None:
+        self._store(rack_input)
         self._committed[rack_input.rack_id] = rack_input
         self._committed_since_snapshot.add(rack_input.rack_id)
 
@@ -144,12 +151,18 @@ class RackTable:
     def snapshot(self, clear_command_s: float | None, *, full: bool = True) -> Snapshot:
         """The inputs for a cycle: every latest one (``full``, which commits them), else the committed.
 
-        An urgent snapshot names the racks committed since the previous snapshot (``changed``).
+        It names the racks whose input may differ from the previous snapshot's (``changed``): for an
+        urgent one those committed since, for a full one those stored since the previous full one.
         """
-        changed = None if full else frozenset(self._committed_since_snapshot)
-        self._committed_since_snapshot.clear()
+        changed: frozenset[str] | None
         if full:
+            stored = self._stored_since_full
+            changed = None if stored is None else frozenset(stored)
+            self._stored_since_full = set()
             self._committed = dict(self._racks)
+        else:
+            changed = frozenset(self._committed_since_snapshot)
+        self._committed_since_snapshot.clear()
         return Snapshot(
             changed=changed,
             racks=dict(self._committed),

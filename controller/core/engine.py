@@ -201,16 +201,28 @@ _DISCHARGE_BLOCKS = attrgetter("discharge_blocks")
 _VIEW = attrgetter("view")
 
 
+# A rack is looked at again by time alone once ``now`` is within this of its staleness threshold
+# (``_Entry``): far more than the rounding of ``received + limit`` against ``now - received > limit``.
+DUE_MARGIN_S = 1e-3
+
+
 @dataclass(frozen=True, slots=True)
 class StepCache:
     """Per-rack outcomes of one cycle: valid with the same ``config`` object and clear command, and
-    with the rack memories they produced (``racks`` is that mapping, checked by identity)."""
+    with the rack memories they produced (``racks`` is that mapping, checked by identity).
+
+    ``retry`` and ``due_s`` let a full cycle that is told which inputs changed skip the walk over the
+    roster: ``retry`` names the racks whose outcome is not reusable, ``due_s`` the time from which
+    each reusable rack's staleness threshold may have passed (conservatively early).
+    """
 
     config: ControllerConfig
     clear_command_s: float | None
     racks: Mapping[str, RackMemory]
     entries: Mapping[str, _Entry]
     roster_by_id: Mapping[str, RosterRack]
+    retry: frozenset[str] = frozenset()
+    due_s: Mapping[str, float] = field(default_factory=dict)
 
 
 def _entry(
@@ -402,14 +414,29 @@ def step(
     hold_s, ramp_s = agg.readmit_hold_s, agg.readmit_ramp_s
     entries: dict[str, _Entry]
     candidates: Iterable[RosterRack]
-    if inputs_only and snapshot.changed is not None and len(previous_entries) == len(config.roster):
-        # Only the racks the shell names can differ from last cycle's in an inputs-only cycle:
-        # start from last cycle's outcomes (roster order kept) and look at those alone.
-        entries = dict(previous_entries)
-        candidates = [roster_by_id[r] for r in sorted(snapshot.changed) if r in roster_by_id]
-    else:
+    walk = not (
+        snapshot.changed is not None
+        and cache is not None
+        and len(previous_entries) == len(config.roster)
+        # A full cycle also re-checks what time moves; it relies on the cache's list of those, made
+        # for a clock that does not run backwards (see _Entry: full_at_s).
+        and (inputs_only or (memory.last_now_s is not None and now_s >= memory.last_now_s))
+    )
+    if walk:
         entries = {}
         candidates = config.roster
+    else:
+        assert cache is not None and snapshot.changed is not None
+        # Only the racks the shell names can have a new input: start from last cycle's outcomes
+        # (roster order kept) and look at those alone, and in a full cycle also at those whose
+        # outcome time may move (not reusable, or near their staleness threshold).
+        entries = dict(previous_entries)
+        names = set(snapshot.changed)
+        if not inputs_only:
+            names |= cache.retry
+            names.update(r for r, due_s in cache.due_s.items() if due_s <= now_s)
+        candidates = [roster_by_id[r] for r in sorted(names) if r in roster_by_id]
+    recomputed: list[_Entry] = []
     for rr in candidates:
         rack_id = rr.rack_id
         given = snapshot.racks.get(rack_id)
@@ -444,6 +471,7 @@ def step(
                 previous=memory.racks.get(rack_id) or RackMemory(),
             )
             entry = _entry(rack, given, rr, now_s, entry)
+            recomputed.append(entry)
         entries[rack_id] = entry
     # The per-cycle passes over all racks run in C (map/filter over getters): at a thousand racks
     # they are most of a cycle in which few racks changed.
@@ -547,9 +575,30 @@ def step(
         last_pack_voltage_v=pack_voltage_v,
         last_dvl_v=volts.dvl_from_racks_v if volts.dvl_from_racks_v is not None else memory.last_dvl_v,
         racks=rack_memories,
-        cache=StepCache(config, snapshot.clear_command_s, rack_memories, entries, roster_by_id),
+        cache=StepCache(config, snapshot.clear_command_s, rack_memories, entries, roster_by_id,
+                        *_time_watch(outcomes if walk else recomputed, None if walk else cache)),
     )
     return state, next_memory
+
+
+def _time_watch(
+    recomputed: Iterable[_Entry], previous: StepCache | None
+) -> tuple[frozenset[str], Mapping[str, float]]:
+    """``StepCache.retry`` and ``due_s`` after this cycle: the previous ones updated for the racks
+    recomputed now (``previous`` None: ``recomputed`` is every rack)."""
+    retry = set(previous.retry) if previous is not None else set()
+    due_s = dict(previous.due_s) if previous is not None else {}
+    for entry in recomputed:
+        rack_id = entry.rack.rack_id
+        if entry.reusable:
+            retry.discard(rack_id)
+        else:
+            retry.add(rack_id)
+        if entry.reusable and entry.fresh_received_s is not None:
+            due_s[rack_id] = entry.fresh_received_s + entry.stale_limit_s - DUE_MARGIN_S
+        else:
+            due_s.pop(rack_id, None)
+    return frozenset(retry), due_s
 
 
 def _flags(pick: Pick | None) -> ProtectionFlags:

@@ -120,11 +120,18 @@ def test_urgent_snapshot_holds_routine_payloads_back_until_a_full_cycle() -> Non
     assert lowered.urgent
     urgent = table.snapshot(None, full=False)
     assert urgent.changed == {"rack-02"}  # what was committed since the previous snapshot
-    assert first.changed is None  # a full snapshot: the core compares every rack
+    assert first.changed is None  # the first full snapshot: nothing to compare with, the core looks at all
     assert urgent.racks["rack-01"] is first.racks["rack-01"]  # the routine one waits
     assert urgent.racks["rack-02"].received_s == 1.6  # the lowering is in at once
     full = table.snapshot(None)
     assert full.racks["rack-01"].received_s == 1.5
+    assert full.changed == {"rack-01", "rack-02"}  # stored since the previous full snapshot
     again = table.snapshot(None, full=False)
     assert again.racks == full.racks  # committed now
     assert again.changed == frozenset()
+    _send(table, rack="rack-02", seq=3, now=1.7, measurements=half)
+    third = table.snapshot(None)
+    assert third.changed == {"rack-02"}
+    assert third.racks["rack-01"] is full.racks["rack-01"]  # what is not named is the very same input
+    table.set_roster(("rack-01", "rack-02"))
+    assert table.snapshot(None).changed is None  # a reload: the core compares every rack again
