@@ -34,7 +34,6 @@ samples: its next payload drops those more than ``window_s`` older than itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from controller.core.tables import Harmful, interpolate, play
@@ -109,8 +108,8 @@ class WindowSums(NamedTuple):
 Samples = tuple[tuple[float, float], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class DerateMemory:
+# A NamedTuple: one is made per rack per payload (a frozen dataclass costs three times as much).
+class DerateMemory(NamedTuple):
     """What the derates of one rack carry between cycles."""
 
     # (received_s, temperature_max_c), times strictly increasing (a sample is only appended when newer).
@@ -121,8 +120,8 @@ class DerateMemory:
     sums: WindowSums | None = None  # of ``samples`` (rebuilt from them when absent)
 
 
-@dataclass(frozen=True, slots=True)
-class Derate:
+# A NamedTuple: one is made per rack per payload (a frozen dataclass costs three times as much).
+class Derate(NamedTuple):
     """Factors (0..1) on one rack's CCL and DCL, with a note per factor below 1."""
 
     charge_factor: float = 1.0

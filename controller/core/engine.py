@@ -46,6 +46,7 @@ from controller.core.bounds import amps_down, current_down_da, voltage_limits_dv
 from controller.core.classify import Reading, classify, read_rack, stale_after_s
 from controller.core.derates import Derate, DerateMemory, derate_rack
 from controller.core.faults import (
+    NO_LATCHES,
     Block,
     Direction,
     Latch,
@@ -55,6 +56,7 @@ from controller.core.faults import (
     update_latches,
 )
 from controller.core.policies import NO_FLAGS, Member, Members, Pick, Population, table
+from controller.core.policies import member as make_member
 from controller.core.provenance import limit_reason, rack_reason
 from controller.core.slew import slew
 from controller.core.snapshot import RackInput, Snapshot
@@ -66,21 +68,17 @@ from shared.models import CURRENT_ABS_MAX_A, ProtectionFlags
 CVL_USABLE_MIN_V = 0.1
 
 
-def _no_latches() -> Mapping[str, Latch]:
-    return MappingProxyType({})
-
-
 def _no_racks() -> Mapping[str, RackMemory]:
     return MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True)
-class RackMemory:
+# A NamedTuple: one is made per rack per payload (a frozen dataclass costs three times as much).
+class RackMemory(NamedTuple):
     """What one rack carries between cycles."""
 
     ok_since_s: float | None = None
-    latches: Mapping[str, Latch] = field(default_factory=_no_latches)
-    derate: DerateMemory = field(default_factory=DerateMemory)
+    latches: Mapping[str, Latch] = NO_LATCHES
+    derate: DerateMemory = DerateMemory()
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,10 +142,10 @@ def _rack_cycle(
     derate, derate_memory = derate_rack(previous.derate, m, reading.received_s, now_s, agg)
     member = None
     if m is not None:
-        member = Member(
-            rack_id=roster_rack.rack_id,
-            measurements=m,
-            capacity_ah=roster_rack.capacity_ah,
+        member = make_member(
+            roster_rack.rack_id,
+            m,
+            roster_rack.capacity_ah,
             share=admission.share,
             charge_limit_a=m.charge_current_limit_a * derate.charge_factor,
             discharge_limit_a=m.discharge_current_limit_a * derate.discharge_factor,

@@ -51,7 +51,7 @@ from enum import StrEnum
 from itertools import chain
 from operator import attrgetter
 from types import MappingProxyType
-from typing import Final
+from typing import Final, NamedTuple
 
 from shared.controller_config import AggregationConfig, CurrentPolicy
 from shared.models import ProtectionFlags
@@ -88,46 +88,59 @@ COLUMNS: Final[tuple[str, ...]] = (
 _COLUMN_INDEX: Final[Mapping[str, int]] = MappingProxyType({name: i for i, name in enumerate(COLUMNS)})
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
-    """One rack as the table sees it: its telemetry, its roster capacity, share and derated limits."""
+class Member(NamedTuple):
+    """One rack as the table sees it: its telemetry, its roster capacity, share and derated limits.
+
+    Made with :func:`member`, which derives the last three fields. (A NamedTuple: one is made per
+    rack per payload, and a frozen dataclass costs three times as much to build.)
+    """
 
     rack_id: str
     measurements: MeasurementsRecord
     capacity_ah: float
-    share: float = 0.0
-    charge_limit_a: float = 0.0
-    discharge_limit_a: float = 0.0
-    charge_notes: tuple[str, ...] = ()
-    discharge_notes: tuple[str, ...] = ()
+    share: float
+    charge_limit_a: float
+    discharge_limit_a: float
+    charge_notes: tuple[str, ...]
+    discharge_notes: tuple[str, ...]
     # Derived once per member: its value of every ``COLUMNS`` entry, and the names of its raised
-    # alarms and warnings (pydantic's iteration is too slow to run over every rack every cycle).
-    numbers: tuple[float, ...] = field(init=False)
-    alarm_names: tuple[str, ...] = field(init=False)
-    warning_names: tuple[str, ...] = field(init=False)
+    # alarms and warnings, read by every cycle's table.
+    numbers: tuple[float, ...]
+    alarm_names: tuple[str, ...]
+    warning_names: tuple[str, ...]
 
-    def __post_init__(self) -> None:
-        m = self.measurements
-        numbers = (
-            self.charge_limit_a,
-            self.discharge_limit_a,
-            self.share,
-            self.capacity_ah,
-            m.charge_voltage_limit_v,
-            m.discharge_voltage_limit_v,
-            m.soc_pct,
-            m.soh_pct,
-            m.pack_voltage_v,
-            m.current_a,
-            (m.temperature_max_c + m.temperature_min_c) / 2,
-            m.cell_voltage_max_v,
-            m.cell_voltage_min_v,
-            m.temperature_max_c,
-            m.temperature_min_c,
-        )
-        object.__setattr__(self, "numbers", numbers)
-        object.__setattr__(self, "alarm_names", m.alarms.raised())
-        object.__setattr__(self, "warning_names", m.warnings.raised())
+
+def member(
+    rack_id: str,
+    measurements: MeasurementsRecord,
+    capacity_ah: float,
+    *,
+    share: float = 0.0,
+    charge_limit_a: float = 0.0,
+    discharge_limit_a: float = 0.0,
+    charge_notes: tuple[str, ...] = (),
+    discharge_notes: tuple[str, ...] = (),
+) -> Member:
+    m = measurements
+    numbers = (
+        charge_limit_a,
+        discharge_limit_a,
+        share,
+        capacity_ah,
+        m.charge_voltage_limit_v,
+        m.discharge_voltage_limit_v,
+        m.soc_pct,
+        m.soh_pct,
+        m.pack_voltage_v,
+        m.current_a,
+        (m.temperature_max_c + m.temperature_min_c) / 2,
+        m.cell_voltage_max_v,
+        m.cell_voltage_min_v,
+        m.temperature_max_c,
+        m.temperature_min_c,
+    )
+    return Member(rack_id, measurements, capacity_ah, share, charge_limit_a, discharge_limit_a, charge_notes,
+                  discharge_notes, numbers, m.alarms.raised(), m.warnings.raised())
 
 
 _NUMBERS = attrgetter("numbers")
