@@ -199,9 +199,12 @@ class ControllerService:
     def _on_mqtt_connected(self) -> None:
         self._publish_status(self._monotonic())
 
-    def _on_message(self, msg: Message) -> None:
+    def _on_message(self, msg: Message) -> bool:
+        """Ingest one message; True (to the session: act now) when it calls for an urgent cycle."""
         if self._ingest(msg.topic, msg.payload, msg.received_monotonic_s):
             self._urgent.set()
+            return True
+        return False
 
     def _ingest(self, topic: str, payload: bytes, received_s: float) -> bool:
         self.stats.messages += 1

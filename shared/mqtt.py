@@ -14,6 +14,10 @@ from ``reconnect_min_s`` doubling to ``reconnect_max_s``.
 Received messages go to an ``on_message`` handler when one is given (called on
 the loop, one call per message; what it raises is logged and counted), else
 into a bounded queue as our own frozen :class:`Message` (drops are counted).
+A handler that returns True asks for the loop at once: the session stops the
+batch of already-read messages there and goes on after the callbacks that are
+ready (the handler's own wake-up among them), so an urgent message is acted on
+before the rest of a burst is handled.
 
 paho leaves Nagle's algorithm on; the first messages after a connect then
 wait 30–40 ms for a delayed ACK, so TCP_NODELAY is set on every new socket.
@@ -146,7 +150,7 @@ class MqttSession:
         will: Will | None = None,
         receive_queue_size: int = 10_000,
         on_connected: Callable[[], None] | None = None,
-        on_message: Callable[[Message], None] | None = None,
+        on_message: Callable[[Message], bool | None] | None = None,
     ) -> None:
         self.config = config
         self.client_id = client_id
@@ -154,7 +158,8 @@ class MqttSession:
         self.messages: asyncio.Queue[Message] = asyncio.Queue(maxsize=receive_queue_size)
         self.connected = asyncio.Event()
         self._on_connected = on_connected
-        self._deliver: Callable[[Message], None] = on_message or self._enqueue
+        self._deliver: Callable[[Message], bool | None] = on_message or self._enqueue
+        self._act_now = False  # the handler asked for the loop: end the read batch
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._socket_closed = asyncio.Event()  # wakes the connection keeper at once
@@ -349,7 +354,8 @@ class MqttSession:
         self.stats.received += 1
         message = Message(msg.topic, bytes(msg.payload), bool(msg.retain), time.monotonic())
         try:
-            self._deliver(message)
+            if self._deliver(message):
+                self._act_now = True
         except Exception:
             # The handler's defect must not take the connection down with it (paho would re-raise).
             self.stats.handler_errors += 1
@@ -419,14 +425,20 @@ class MqttSession:
         # a batch, then let the loop run its other callbacks (the selector calls again for what is
         # still in the socket; what is only in the buffer is picked up by a scheduled call).
         client = self._client
+        self._act_now = False
         client.loop_read()
+        left = client.rx_buffered()
         for _ in range(PACKETS_PER_READ_EVENT - 1):
-            if not client.rx_buffered():
+            if not left or self._act_now:
                 break
             client.loop_read()
-        else:
-            if client.rx_buffered() and self._loop is not None:
-                self._loop.call_soon(self._readable)
+            left, before = client.rx_buffered(), left
+            if left == before:
+                return  # paho read nothing (not connected): never spin on what is left
+        if left and self._loop is not None:
+            # Batch full, or a handler asked for the loop (its wake-up is already queued, so it
+            # runs before this continuation); the selector would not call for bytes read ahead.
+            self._loop.call_soon(self._readable)
         sock = client.socket()
         # Decrypted bytes already inside the TLS object do not wake the selector: drain them here.
         # (Mosquitto writes one TLS record per packet, so there is rarely anything left.)

@@ -170,3 +170,41 @@ async def test_a_burst_is_read_ahead_in_large_chunks_and_arrives_whole_and_in_or
     finally:
         await pub.stop()
         await sub.stop()
+
+
+async def test_a_handler_asking_to_act_now_is_acted_on_before_the_rest_of_the_burst(
+    mqtt_broker: MosquittoBroker, unique_topic_prefix: str
+) -> None:
+    """The controller's handler returns True for an urgent payload: what waits for it (the urgent
+    cycle) runs before the messages read ahead behind it are handled."""
+    got: list[bytes] = []
+    urgent = asyncio.Event()
+    seen_when_woken: list[int] = []
+
+    def handler(msg: Message) -> bool:
+        got.append(msg.payload)
+        if msg.payload.startswith(b"urgent"):
+            urgent.set()
+            return True
+        return False
+
+    async def act() -> None:
+        while True:
+            await urgent.wait()
+            urgent.clear()
+            seen_when_woken.append(len(got))
+
+    sub, pub = await _pair(mqtt_broker.port, unique_topic_prefix, handler)
+    actor = asyncio.create_task(act())
+    try:
+        await asyncio.sleep(0.2)  # SUBACK
+        marks = {100, 140, 141, 250}
+        for i in range(300):
+            pub.publish(f"{unique_topic_prefix}/x", (b"urgent" if i in marks else b"routine") + bytes(20))
+        await wait_until(lambda: len(got) == 300, 5, "the whole burst")
+        await asyncio.sleep(0.05)
+        assert seen_when_woken == [101, 141, 142, 251]
+    finally:
+        actor.cancel()
+        await pub.stop()
+        await sub.stop()
