@@ -34,7 +34,7 @@ consolidated DVL (else 0 V), kept below CVL.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import attrgetter
@@ -199,6 +199,95 @@ _DISCHARGE_BLOCKS = attrgetter("discharge_blocks")
 _VIEW = attrgetter("view")
 
 
+@dataclass(frozen=True, slots=True)
+class _Tally:
+    """What one cycle's passes over all racks made of the per-rack outcomes (step 2's inputs, the
+    blocks, the views, the memories), kept so that a cycle in which few racks changed patches it
+    instead of reading every rack again (``_patched``; a thousand racks' objects are mostly out
+    of the processor's cache by the time an urgent payload comes in)."""
+
+    parallel: Members
+    reporting: Members
+    parallel_at: Mapping[str, int]  # rack id → index in parallel.members
+    reporting_at: Mapping[str, int]
+    eligible: int
+    latches_by_rack: tuple[tuple[str, Mapping[str, Latch]], ...]
+    charge_blocks: tuple[Block, ...]
+    discharge_blocks: tuple[Block, ...]
+    views: tuple[RackView, ...]
+    memories: Mapping[str, RackMemory]
+
+
+def _tally(entries: Mapping[str, _Entry]) -> _Tally:
+    """The passes over every rack; they run in C (map/filter over getters): at a thousand racks
+    they are most of a cycle in which few racks changed."""
+    outcomes = tuple(entries.values())
+    racks = list(map(_RACK, outcomes))
+    # Parallel: ok racks (which always carry a member); reporting: every rack with a member.
+    parallel = [e for e in outcomes if e.parallel_member is not None]
+    reporting = [r for r in racks if r.member is not None]
+    return _Tally(
+        parallel=Members(list(map(_PARALLEL_MEMBER, parallel))),
+        reporting=Members(list(map(_MEMBER, reporting))),
+        parallel_at={e.rack.rack_id: i for i, e in enumerate(parallel)},
+        reporting_at={r.rack_id: i for i, r in enumerate(reporting)},
+        eligible=sum(map(_ELIGIBLE, racks)),
+        # Racks with nothing latched add nothing to the blocks nor to the latched set.
+        latches_by_rack=tuple((r.rack_id, r.memory.latches) for r in racks if r.memory.latches),
+        charge_blocks=tuple(chain.from_iterable(map(_CHARGE_BLOCKS, outcomes))),
+        discharge_blocks=tuple(chain.from_iterable(map(_DISCHARGE_BLOCKS, outcomes))),
+        views=tuple(map(_VIEW, outcomes)),
+        memories=MappingProxyType(dict(zip(entries, map(_RACK_MEMORY, outcomes), strict=True))),
+    )
+
+
+def _patched(
+    tally: _Tally,
+    before: Mapping[str, _Entry],
+    recomputed: Sequence[_Entry],
+    roster_at: Mapping[str, int],
+) -> _Tally | None:
+    """``tally`` with the recomputed racks' outcomes in place of ``before``'s, or None when one of
+    them changes the tally's shape (joins or leaves a population, or holds latches): then
+    ``_tally`` makes it whole. Equal to ``_tally`` of the new entries (the told-cycle property
+    test in tests/controller/core/test_cache.py compares them cycle by cycle)."""
+    parallel: list[tuple[int, Member]] = []
+    reporting: list[tuple[int, Member]] = []
+    eligible = tally.eligible
+    views = list(tally.views)
+    memories = dict(tally.memories)
+    for new in recomputed:
+        rack_id = new.rack.rack_id
+        old = before.get(rack_id)
+        if (
+            old is None
+            or (old.parallel_member is None) != (new.parallel_member is None)
+            or (old.rack.member is None) != (new.rack.member is None)
+            or old.rack.memory.latches
+            or new.rack.memory.latches
+        ):
+            return None
+        if new.parallel_member is not None:
+            parallel.append((tally.parallel_at[rack_id], new.parallel_member))
+        if new.rack.member is not None:
+            reporting.append((tally.reporting_at[rack_id], new.rack.member))
+        eligible += new.rack.admission.eligible - old.rack.admission.eligible
+        views[roster_at[rack_id]] = new.view
+        memories[rack_id] = new.rack.memory
+    return _Tally(
+        parallel=tally.parallel.patched(parallel),
+        reporting=tally.reporting.patched(reporting),
+        parallel_at=tally.parallel_at,
+        reporting_at=tally.reporting_at,
+        eligible=eligible,
+        latches_by_rack=tally.latches_by_rack,  # no recomputed rack holds or held a latch
+        charge_blocks=tally.charge_blocks,
+        discharge_blocks=tally.discharge_blocks,
+        views=tuple(views),
+        memories=MappingProxyType(memories),
+    )
+
+
 # A rack is looked at again by time alone once ``now`` is within this of its staleness threshold
 # (``_Entry``): far more than the rounding of ``received + limit`` against ``now - received > limit``.
 DUE_MARGIN_S = 1e-3
@@ -221,6 +310,8 @@ class StepCache:
     roster_by_id: Mapping[str, RosterRack]
     retry: frozenset[str] = frozenset()
     due_s: Mapping[str, float] = field(default_factory=dict)
+    tally: _Tally | None = None
+    roster_at: Mapping[str, int] = field(default_factory=dict)  # rack id → roster index
 
 
 def _entry(
@@ -473,20 +564,23 @@ def step(
         entries[rack_id] = entry
     # The per-cycle passes over all racks run in C (map/filter over getters): at a thousand racks
     # they are most of a cycle in which few racks changed.
-    outcomes = tuple(entries.values())
-    racks = list(map(_RACK, outcomes))
+    roster_at: Mapping[str, int] = (
+        cache.roster_at if cache is not None and cache.config is config
+        else MappingProxyType({rr.rack_id: i for i, rr in enumerate(config.roster)})
+    )
+    tally = None
+    if not walk and cache is not None and cache.tally is not None:
+        tally = _patched(cache.tally, previous_entries, recomputed, roster_at)
+    if tally is None:
+        tally = _tally(entries)
     populations: dict[Population, Members] = {
-        # Parallel: ok racks (which always carry a member); reporting: every rack with a member.
-        Population.PARALLEL: Members(list(filter(None, map(_PARALLEL_MEMBER, outcomes)))),
-        Population.REPORTING: Members(list(filter(None, map(_MEMBER, racks)))),
+        Population.PARALLEL: tally.parallel,
+        Population.REPORTING: tally.reporting,
     }
     picks = {name: rule.combine(populations[rule.population]) for name, rule in table(agg).items()}
-    eligible = sum(map(_ELIGIBLE, racks))
-
-    # Racks with nothing latched add nothing to the blocks nor to the latched set.
-    latches_by_rack = [(r.rack_id, r.memory.latches) for r in racks if r.memory.latches]
-    charge_blocks = tuple(chain.from_iterable(map(_CHARGE_BLOCKS, outcomes)))
-    discharge_blocks = tuple(chain.from_iterable(map(_DISCHARGE_BLOCKS, outcomes)))
+    eligible = tally.eligible
+    latches_by_rack = tally.latches_by_rack
+    charge_blocks, discharge_blocks = tally.charge_blocks, tally.discharge_blocks
     shortfall = quorum_shortfall(eligible, agg.min_racks)
     quorum_reasons = [shortfall] if shortfall else []
 
@@ -519,7 +613,7 @@ def step(
     raised = _flags(picks["alarms"]).union(latched_flags(latched))
     alarms, demoted = split_by_effect(raised, charge_zero=ccl.out_a == 0.0, discharge_zero=dcl.out_a == 0.0)
     unknown = tuple(dict.fromkeys((*snapshot.unknown_racks, *sorted(snapshot.racks.keys() - entries.keys()))))
-    views = tuple(map(_VIEW, outcomes))
+    views = tally.views
 
     def place(name: str) -> str:
         pick = picks[name]
@@ -565,7 +659,7 @@ def step(
         racks=views,
         unknown_racks=unknown,
     )
-    rack_memories = MappingProxyType(dict(zip(entries, map(_RACK_MEMORY, outcomes), strict=True)))
+    rack_memories = tally.memories
     next_memory = CoreMemory(
         last_now_s=now_s,
         charge_limit_a=ccl.slewed_a,
@@ -574,7 +668,8 @@ def step(
         last_dvl_v=volts.dvl_from_racks_v if volts.dvl_from_racks_v is not None else memory.last_dvl_v,
         racks=rack_memories,
         cache=StepCache(config, snapshot.clear_command_s, rack_memories, entries, roster_by_id,
-                        *_time_watch(outcomes if walk else recomputed, None if walk else cache)),
+                        *_time_watch(entries.values() if walk else recomputed, None if walk else cache),
+                        tally=tally, roster_at=roster_at),
     )
     return state, next_memory
 
