@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -109,8 +109,9 @@ class _NoTopicCallbacks(MQTTMatcher):
         return iter(())
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
+    """One received message (a NamedTuple: one per message, a third of a frozen dataclass's cost)."""
+
     topic: str
     payload: bytes
     retain: bool

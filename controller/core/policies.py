@@ -47,7 +47,7 @@ from __future__ import annotations
 import operator
 from array import array
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from itertools import chain
 from operator import attrgetter
@@ -196,12 +196,15 @@ class Members:
         return Members(members, columns)
 
 
-@dataclass(frozen=True, slots=True)
-class Pick:
+NO_FLAGS: Final = ProtectionFlags()  # immutable: one instance serves every empty set
+
+
+class Pick(NamedTuple):
     """The outcome of one row: a number (or ``flags`` for the flag rows) and how it came about.
 
     ``rack_id`` names the deciding rack when one decides; ``detail`` is the formula for the
-    provenance string; ``forced_zero`` says a zeroing rule, not arithmetic, made it 0.
+    provenance string; ``forced_zero`` says a zeroing rule, not arithmetic, made it 0. (A
+    NamedTuple: every cycle makes one per row, urgent cycles included.)
     """
 
     value: float = 0.0
@@ -209,7 +212,7 @@ class Pick:
     location: str = ""
     detail: str = ""
     forced_zero: bool = False
-    flags: ProtectionFlags = field(default_factory=ProtectionFlags)
+    flags: ProtectionFlags = NO_FLAGS
 
 
 Combine = Callable[[Members], Pick | None]
@@ -406,8 +409,6 @@ def any_of(names: Callable[[Member], tuple[str, ...]]) -> Combine:
 
     return combine
 
-
-NO_FLAGS: Final = ProtectionFlags()  # immutable: one instance serves every empty set
 
 PARALLEL, REPORTING = Population.PARALLEL, Population.REPORTING
 
