@@ -112,9 +112,9 @@ def update_latches(
     ``alarms`` is the reporting telemetry's alarm set (None when the rack is not reporting:
     latches then neither rise nor clear) and ``observed_s`` the time that payload arrived.
     """
-    raised_now = frozenset(alarms.raised()) if alarms is not None else frozenset()
-    if not previous and not raised_now:
+    if not previous and (alarms is None or not alarms.any()):
         return NO_LATCHES  # the usual case: nothing latched, nothing raised
+    raised_now = frozenset(alarms.raised()) if alarms is not None else frozenset()
     result: dict[str, Latch] = {}
     for flag in PROTECTION_FLAG_NAMES:
         latch = previous.get(flag)
