@@ -192,7 +192,7 @@ def _window_with(
     count = len(samples)
     while first < count and samples[first][0] < oldest_s:
         first += 1
-    kept = samples[first:] + (sample,)  # (*a, b) would build a list first
+    kept = samples[first:] + (sample,)  # noqa: RUF005  (unpacking builds a list first: slower)
     if sums is None or sums.n != count:
         return kept, WindowSums.of(kept)  # type: ignore[return-value]  # kept is never empty
     for t, v in samples[:first]:
