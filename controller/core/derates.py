@@ -174,12 +174,19 @@ def derate_rack(
     charge_factor, charge_held, charge_note, discharge_factor, discharge_held, discharge_note = _taper(
         config.cell_taper, measurements, memory
     )
-    notes_c = tuple(n for n in (charge_note, thermal_note) if n)
-    notes_d = tuple(n for n in (discharge_note, thermal_note) if n)
+    notes_c = _notes(charge_note, thermal_note)
+    notes_d = _notes(discharge_note, thermal_note)
     derate = Derate(thermal_factor * charge_factor, thermal_factor * discharge_factor, notes_c, notes_d)
     if not thermal.enabled:
         return derate, DerateMemory((), thermal_held, charge_held, discharge_held)
     return derate, DerateMemory(samples, thermal_held, charge_held, discharge_held, sums)
+
+
+def _notes(cell_note: str, thermal_note: str) -> tuple[str, ...]:
+    """The notes that say something, cell first (usually none: no generator per payload for that)."""
+    if cell_note:
+        return (cell_note, thermal_note) if thermal_note else (cell_note,)
+    return (thermal_note,) if thermal_note else ()
 
 
 def _window_with(
