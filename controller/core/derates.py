@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from controller.core.tables import Harmful, interpolate, play
+from controller.core.window import EMPTY_WINDOW, Sample, Window
 from shared.controller_config import AggregationConfig, CellTaperConfig, ThermalDerateConfig
 from shared.records import MeasurementsRecord
 
@@ -67,7 +68,7 @@ class WindowSums(NamedTuple):
     tv: float = 0.0  # Σ (t - origin_t)(v - origin_v)
 
     @classmethod
-    def of(cls, samples: Samples) -> WindowSums | None:
+    def of(cls, samples: Sequence[Sample]) -> WindowSums | None:
         """The sums of ``samples`` (None when there are none), with the oldest as origin."""
         if not samples:
             return None
@@ -105,15 +106,12 @@ class WindowSums(NamedTuple):
         return covariance / spread
 
 
-Samples = tuple[tuple[float, float], ...]
-
-
 # A NamedTuple: one is made per rack per payload (a frozen dataclass costs three times as much).
 class DerateMemory(NamedTuple):
     """What the derates of one rack carry between cycles."""
 
     # (received_s, temperature_max_c), times strictly increasing (a sample is only appended when newer).
-    samples: Samples = ()
+    samples: Window = EMPTY_WINDOW
     thermal_held_c: float | None = None
     charge_cell_held_v: float | None = None
     discharge_cell_held_v: float | None = None
@@ -178,7 +176,7 @@ def derate_rack(
     notes_d = _notes(discharge_note, thermal_note)
     derate = Derate(thermal_factor * charge_factor, thermal_factor * discharge_factor, notes_c, notes_d)
     if not thermal.enabled:
-        return derate, DerateMemory((), thermal_held, charge_held, discharge_held)
+        return derate, DerateMemory(EMPTY_WINDOW, thermal_held, charge_held, discharge_held)
     return derate, DerateMemory(samples, thermal_held, charge_held, discharge_held, sums)
 
 
@@ -190,19 +188,16 @@ def _notes(cell_note: str, thermal_note: str) -> tuple[str, ...]:
 
 
 def _window_with(
-    samples: Samples, sums: WindowSums | None, sample: tuple[float, float], window_s: float
-) -> tuple[Samples, WindowSums]:
+    samples: Window, sums: WindowSums | None, sample: Sample, window_s: float
+) -> tuple[Window, WindowSums]:
     """The window ending at ``sample`` (newer than every sample in ``samples``), and its sums."""
-    oldest_s = sample[0] - window_s
-    # Oldest first (times strictly increase): what is left is a suffix, usually all of it.
-    first = 0
     count = len(samples)
-    while first < count and samples[first][0] < oldest_s:
-        first += 1
-    kept = samples[first:] + (sample,)  # noqa: RUF005  (unpacking builds a list first: slower)
+    # Oldest first (times strictly increase): what is left is a suffix, usually all of it.
+    first = samples.count_before(sample[0] - window_s)
+    kept = samples.dropped(first).appended(sample)
     if sums is None or sums.n != count:
         return kept, WindowSums.of(kept)  # type: ignore[return-value]  # kept is never empty
-    for t, v in samples[:first]:
+    for t, v in samples.oldest(first):
         sums = sums.minus(t, v)
     if count - first < 2 or kept[0][0] - sums.origin_t > window_s:
         return kept, WindowSums.of(kept)  # type: ignore[return-value]

@@ -27,6 +27,7 @@ from controller.core.admission import admit, fully_admitted
 from controller.core.derates import WindowSums, _window_with, slope_per_s
 from controller.core.engine import CoreMemory, step
 from controller.core.snapshot import RackInput, Snapshot
+from controller.core.window import Window
 from shared.cluster import ConsolidatedState, RackState
 from shared.controller_config import ControllerConfig, CurrentPolicy
 from shared.models import PROTECTION_FLAG_NAMES, ContactorState, ProtectionFlags
@@ -60,7 +61,7 @@ def test_window_sums_give_the_least_squares_slope_over_a_long_run(
     start: float, steps: list[tuple[float, float]], window_s: float
 ) -> None:
     """Samples come and leave the window as in derate_rack; the running slope stays the two-pass one."""
-    samples: tuple[tuple[float, float], ...] = ()
+    samples = Window()
     sums = None
     t = start
     for gap, value in steps:
