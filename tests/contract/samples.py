@@ -1,6 +1,8 @@
-"""Known-good contract objects for tests."""
+"""Known-good contract objects for tests, and a strategy for anything msgpack can carry."""
 
 from __future__ import annotations
+
+from hypothesis import strategies as st
 
 from shared.models import (
     ContactorState,
@@ -51,3 +53,25 @@ def telemetry(**overrides: object) -> RackTelemetry:
     }
     values.update(overrides)
     return RackTelemetry.model_validate(values)
+
+
+def msgpack_values(
+    *, text: int = 20, binary: int = 20, width: int = 5, leaves: int = 30
+) -> st.SearchStrategy[object]:
+    """Any value msgpack can carry (nil, bool, ints of every width, floats with NaN and ±inf, str,
+    bin, arrays, maps), nested: what a broken or hostile publisher may put in a field."""
+    leaf = (
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+        | st.floats()
+        | st.text(max_size=text)
+        | st.binary(max_size=binary)
+    )
+    return st.recursive(
+        leaf,
+        lambda kids: (
+            st.lists(kids, max_size=width) | st.dictionaries(st.text(max_size=10), kids, max_size=width)
+        ),
+        max_leaves=leaves,
+    )

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from shared.codec import DecodeError, Decoder, RejectReason, encode, telemetry_decoder
 from shared.models import RackCommState, RackTelemetry
-from tests.contract.samples import measurements, telemetry
+from tests.contract.samples import measurements, msgpack_values, telemetry
 
 
 def _raw() -> dict[str, object]:
@@ -114,19 +114,7 @@ def test_fuzz_random_bytes_only_raise_decode_error(data: bytes) -> None:
         assert sum(decoder.rejected.values()) == 1
 
 
-_leaf = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats()
-    | st.text(max_size=20)
-    | st.binary(max_size=20)
-)
-_tree = st.recursive(
-    _leaf,
-    lambda kids: st.lists(kids, max_size=5) | st.dictionaries(st.text(max_size=10), kids, max_size=5),
-    max_leaves=30,
-)
+_tree = msgpack_values()
 
 
 @settings(max_examples=300, deadline=None)

@@ -40,7 +40,7 @@ from shared.records import (
     UnitLinkRecord,
     record_of,
 )
-from tests.contract.samples import telemetry
+from tests.contract.samples import msgpack_values, telemetry
 
 PAIRS: list[tuple[type[BaseModel], type[msgspec.Struct]]] = [
     (ProtectionFlags, FlagsRecord),
@@ -216,19 +216,7 @@ def test_non_map_garbage_and_oversize_get_the_models_verdict() -> None:
     assert Decoder(RackTelemetry, 256).max_payload_bytes == decoder.max_payload_bytes
 
 
-_leaf = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats()
-    | st.text(max_size=70)
-    | st.binary(max_size=8)
-)
-_tree = st.recursive(
-    _leaf,
-    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=10), kids, max_size=3),
-    max_leaves=10,
-)
+_tree = msgpack_values(text=70, binary=8, width=3, leaves=10)  # text past the 64-character bounds
 _PLACES = ["top", "measurements", "alarms", "unit", "counters"]
 
 
