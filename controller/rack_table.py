@@ -55,7 +55,7 @@ def _urgent_change(old: TelemetryRecord | None, new: TelemetryRecord) -> bool:
         or b.charge_voltage_limit_v < a.charge_voltage_limit_v
         or b.discharge_voltage_limit_v > a.discharge_voltage_limit_v
         or b.contactor is not a.contactor
-        or not set(b.alarms.raised()) <= set(a.alarms.raised())
+        or (b.alarms != a.alarms and not set(b.alarms.raised()) <= set(a.alarms.raised()))
         or b.cell_voltage_max_v > a.cell_voltage_max_v + 0.005
         or b.cell_voltage_min_v < a.cell_voltage_min_v - 0.005
         or b.temperature_max_c > a.temperature_max_c + 0.5
