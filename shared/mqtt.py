@@ -62,8 +62,8 @@ class _ReadAheadClient(paho.Client):
     then the body) and ``loop_read`` handles one packet per call, so every message cost several
     system calls and a trip through the selector. Here one ``recv`` fills a buffer and paho's reads
     are served from it; :meth:`MqttSession._readable` keeps calling ``loop_read`` while the buffer
-    holds a whole packet's worth of bytes. paho's partial-packet handling is unchanged (it
-    resumes on ``BlockingIOError`` as before). ``_sock_recv`` is paho's private read hook
+    holds bytes. paho's partial-packet handling is unchanged (it resumes on ``BlockingIOError`` as
+    before). ``_sock_recv`` is paho's private read hook
     (paho 2.x); tests/contract/test_mqtt_session.py checks a burst is read in few calls.
     """
 
@@ -73,6 +73,7 @@ class _ReadAheadClient(paho.Client):
         self._rx = b""
         self._rx_at = 0
         self.rx_reads = 0  # recv calls on the socket (for tests and the curious)
+        self.rx_handed = 0  # bytes handed to paho: tells whether a loop_read made progress
 
     def rx_buffered(self) -> int:
         """Bytes read from the current socket and not yet handed to paho."""
@@ -88,10 +89,12 @@ class _ReadAheadClient(paho.Client):
             self.rx_reads += 1
             if len(data) <= bufsize:
                 self._rx, self._rx_at = b"", 0
+                self.rx_handed += len(data)
                 return data
             self._rx, self._rx_at = data, 0
         start = self._rx_at
         self._rx_at = end = min(len(self._rx), start + bufsize)
+        self.rx_handed += end - start
         return self._rx[start:end]
 
 
@@ -428,15 +431,14 @@ class MqttSession:
         client = self._client
         self._act_now = False
         client.loop_read()
-        left = client.rx_buffered()
         for _ in range(PACKETS_PER_READ_EVENT - 1):
-            if not left or self._act_now:
+            if not client.rx_buffered() or self._act_now:
                 break
+            handed = client.rx_handed
             client.loop_read()
-            left, before = client.rx_buffered(), left
-            if left == before:
-                return  # paho read nothing (not connected): never spin on what is left
-        if left and self._loop is not None:
+            if client.rx_handed == handed:
+                return  # paho took nothing (not connected): never spin on what is left
+        if client.rx_buffered() and self._loop is not None:
             # Batch full, or a handler asked for the loop (its wake-up is already queued, so it
             # runs before this continuation); the selector would not call for bytes read ahead.
             self._loop.call_soon(self._readable)

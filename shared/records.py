@@ -188,8 +188,11 @@ class TelemetryDecoder:
     def __init__(self, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
         self._fast = msgspec.msgpack.Decoder(TelemetryRecord)
         self._authority: Decoder[RackTelemetry] = Decoder(RackTelemetry, max_payload_bytes)
-        self.max_payload_bytes = max_payload_bytes
         self.fast_accepted = 0
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return self._authority.max_payload_bytes
 
     @property
     def accepted(self) -> int:

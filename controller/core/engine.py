@@ -307,11 +307,10 @@ class StepCache:
     clear_command_s: float | None
     racks: Mapping[str, RackMemory]
     entries: Mapping[str, _Entry]
-    roster_by_id: Mapping[str, RosterRack]
+    roster_at: Mapping[str, int]  # rack id → index in config.roster (and in entries, views)
     retry: frozenset[str] = frozenset()
     due_s: Mapping[str, float] = field(default_factory=dict)
     tally: _Tally | None = None
-    roster_at: Mapping[str, int] = field(default_factory=dict)  # rack id → roster index
 
 
 def _entry(
@@ -496,9 +495,9 @@ def step(
         and cache.clear_command_s == snapshot.clear_command_s
     ):
         previous_entries = cache.entries
-    roster_by_id: Mapping[str, RosterRack] = (
-        cache.roster_by_id if cache is not None and cache.config is config
-        else MappingProxyType({rr.rack_id: rr for rr in config.roster})
+    roster_at: Mapping[str, int] = (
+        cache.roster_at if cache is not None and cache.config is config
+        else MappingProxyType({rr.rack_id: i for i, rr in enumerate(config.roster)})
     )
     hold_s, ramp_s = agg.readmit_hold_s, agg.readmit_ramp_s
     entries: dict[str, _Entry]
@@ -524,7 +523,7 @@ def step(
         if not inputs_only:
             names |= cache.retry
             names.update(r for r, due_s in cache.due_s.items() if due_s <= now_s)
-        candidates = [roster_by_id[r] for r in sorted(names) if r in roster_by_id]
+        candidates = [config.roster[roster_at[r]] for r in sorted(names) if r in roster_at]
     recomputed: list[_Entry] = []
     for rr in candidates:
         rack_id = rr.rack_id
@@ -562,12 +561,6 @@ def step(
             entry = _entry(rack, given, rr, now_s, entry)
             recomputed.append(entry)
         entries[rack_id] = entry
-    # The per-cycle passes over all racks run in C (map/filter over getters): at a thousand racks
-    # they are most of a cycle in which few racks changed.
-    roster_at: Mapping[str, int] = (
-        cache.roster_at if cache is not None and cache.config is config
-        else MappingProxyType({rr.rack_id: i for i, rr in enumerate(config.roster)})
-    )
     tally = None
     if not walk and cache is not None and cache.tally is not None:
         tally = _patched(cache.tally, previous_entries, recomputed, roster_at)
@@ -667,17 +660,27 @@ def step(
         last_pack_voltage_v=pack_voltage_v,
         last_dvl_v=volts.dvl_from_racks_v if volts.dvl_from_racks_v is not None else memory.last_dvl_v,
         racks=rack_memories,
-        cache=StepCache(config, snapshot.clear_command_s, rack_memories, entries, roster_by_id,
-                        *_time_watch(entries.values() if walk else recomputed, None if walk else cache),
-                        tally=tally, roster_at=roster_at),
+        cache=_next_cache(
+            None if walk else cache, entries.values() if walk else recomputed, config=config,
+            clear_command_s=snapshot.clear_command_s, racks=rack_memories, entries=entries,
+            roster_at=roster_at, tally=tally,
+        ),
     )
     return state, next_memory
 
 
-def _time_watch(
-    recomputed: Iterable[_Entry], previous: StepCache | None
-) -> tuple[frozenset[str], Mapping[str, float]]:
-    """``StepCache.retry`` and ``due_s`` after this cycle: the previous ones updated for the racks
+def _next_cache(
+    previous: StepCache | None,
+    recomputed: Iterable[_Entry],
+    *,
+    config: ControllerConfig,
+    clear_command_s: float | None,
+    racks: Mapping[str, RackMemory],
+    entries: Mapping[str, _Entry],
+    roster_at: Mapping[str, int],
+    tally: _Tally,
+) -> StepCache:
+    """This cycle's cache; ``retry`` and ``due_s`` are the previous ones updated for the racks
     recomputed now (``previous`` None: ``recomputed`` is every rack)."""
     retry = set(previous.retry) if previous is not None else set()
     due_s = dict(previous.due_s) if previous is not None else {}
@@ -691,7 +694,7 @@ def _time_watch(
             due_s[rack_id] = entry.fresh_received_s + entry.stale_limit_s - DUE_MARGIN_S
         else:
             due_s.pop(rack_id, None)
-    return frozenset(retry), due_s
+    return StepCache(config, clear_command_s, racks, entries, roster_at, frozenset(retry), due_s, tally)
 
 
 def _flags(pick: Pick | None) -> ProtectionFlags:

@@ -116,11 +116,11 @@ def member(
     measurements: MeasurementsRecord,
     capacity_ah: float,
     *,
-    share: float = 0.0,
-    charge_limit_a: float = 0.0,
-    discharge_limit_a: float = 0.0,
-    charge_notes: tuple[str, ...] = (),
-    discharge_notes: tuple[str, ...] = (),
+    share: float,
+    charge_limit_a: float,
+    discharge_limit_a: float,
+    charge_notes: tuple[str, ...],
+    discharge_notes: tuple[str, ...],
 ) -> Member:
     m = measurements
     numbers = (

@@ -38,6 +38,6 @@ class Snapshot:
     clear_command_s: float | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
     # Ids whose input may differ from the previous cycle's snapshot; every other rack's input is
-    # the very object that cycle saw. None: unknown (the core compares every rack). An inputs-only
-    # cycle then touches only these racks instead of walking the roster.
+    # the very object that cycle saw. None: unknown (the core compares every rack). With it, a
+    # cycle looks at these racks (and, if full, at those time may move) instead of the roster.
     changed: frozenset[str] | None = None
