@@ -923,7 +923,7 @@ def main() -> int:
     parser.add_argument("--rates", type=float, nargs="+", help="offered to the bare floor, msg/s",
                         default=[2000, 4000, 6000, 7000, 8000, 9000, 10000, 11000, 12000, 14000])
     parser.add_argument("--controller-rates", type=float, nargs="+", help="offered to the controller, msg/s",
-                        default=[1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 8000, 10000])
+                        default=[1000, 2000, 3000, 4000, 6000, 8000, 10000, 11000, 12000, 14000])
     parser.add_argument("--rate-seconds", type=float, default=5.0, help="measured window per offered rate")
     parser.add_argument("--skip", nargs="*", default=[], choices=["step", "reaction", "rate"])
     parser.add_argument("--quick", action="store_true", help="fewer trials, short warm-up (a smoke run)")

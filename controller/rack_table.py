@@ -90,6 +90,10 @@ class RackTable:
     def roster(self) -> tuple[str, ...]:
         return self._roster
 
+    def latest(self, rack_id: str) -> RackInput | None:
+        """The rack's latest input (the one the next full snapshot carries); None off the roster."""
+        return self._racks.get(rack_id)
+
     def ingest(self, topic: str, payload: bytes, now_s: float) -> Ingest:
         rack_id = self.topics.rack_id_from_topic(topic)
         if rack_id is None:

@@ -124,7 +124,7 @@ def _rack_cycle(
     *,
     roster_rack: RosterRack,
     rack_input: RackInput,
-    snapshot: Snapshot,
+    clear_command_s: float | None,
     config: ControllerConfig,
     now_s: float,
     previous: RackMemory,
@@ -134,7 +134,7 @@ def _rack_cycle(
     m = reading.measurements
     observed_s = reading.received_s if reading.received_s is not None else now_s
     latches = update_latches(
-        previous.latches, m.alarms if m is not None else None, observed_s, snapshot.clear_command_s
+        previous.latches, m.alarms if m is not None else None, observed_s, clear_command_s
     )
     state, state_reason = classify(reading, latches)
     is_ok = state is RackState.OK
@@ -346,6 +346,71 @@ def _entry(
                   stale_limit_s, ok_since_s, now_s, parallel_member)
 
 
+class Prepared(NamedTuple):
+    """One rack's outcome for a new input, computed before the cycle that takes the input in."""
+
+    entry: _Entry
+    base: RackMemory | None  # the rack's memory it was computed from (compared by identity)
+    config: ControllerConfig
+    clear_command_s: float | None
+    at_s: float
+
+
+def prepare(
+    rack_input: RackInput, config: ControllerConfig, now_s: float, memory: CoreMemory, *,
+    clear_command_s: float | None,
+) -> Prepared | None:
+    """The outcome of a rack's new input, computed ahead of the next cycle (None: not worth it).
+
+    The shell calls this in idle time for a routine payload, so that the next full cycle takes the
+    outcome instead of recomputing the rack then: a full cycle at 100 racks recomputed ~20 racks
+    in one block (1.7 ms in the running controller), and a lowering arriving meanwhile waited.
+
+    Only an outcome that time cannot move is kept: not stale, fully admitted or out, and its
+    admission started no earlier or later because of when it was computed (latches are observed at
+    the payload's receive time, not at now). ``step`` then takes it only for the same
+    input object, the same rack memory object, config and clear command, at a now no earlier
+    than this one and before the rack's staleness threshold: the outcome it would compute itself.
+    """
+    cache = memory.cache
+    if cache is None or cache.config is not config:
+        return None  # no cycle yet on this config: nothing to take it in
+    at = cache.roster_at.get(rack_input.rack_id)
+    if at is None:
+        return None
+    roster_rack = config.roster[at]
+    base = memory.racks.get(rack_input.rack_id)
+    rack = _rack_cycle(
+        roster_rack=roster_rack, rack_input=rack_input, clear_command_s=clear_command_s, config=config,
+        now_s=now_s, previous=base or RackMemory(),
+    )
+    entry = _entry(rack, rack_input, roster_rack, now_s, cache.entries.get(rack_input.rack_id))
+    if (
+        not entry.reusable
+        or rack.admission.ok_since_s != (base.ok_since_s if base is not None else None)
+    ):
+        return None
+    return Prepared(entry, base, config, clear_command_s, now_s)
+
+
+def _takes(
+    ahead: Prepared, given: RackInput | None, base: RackMemory | None, *, config: ControllerConfig,
+    clear_command_s: float | None, now_s: float,
+) -> bool:
+    """Whether a prepared outcome is the one this cycle would compute for the rack (see prepare)."""
+    entry = ahead.entry
+    return (
+        given is not None
+        and entry.given is given
+        and ahead.base is base
+        and ahead.config is config
+        and ahead.clear_command_s == clear_command_s
+        and ahead.at_s <= now_s
+        # read_rack's comparison; a full admission only stays full as time goes on.
+        and not (entry.fresh_received_s is not None and now_s - entry.fresh_received_s > entry.stale_limit_s)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Limit:
     out_a: float
@@ -472,8 +537,12 @@ def step(
     memory: CoreMemory,
     *,
     inputs_only: bool = False,
+    prepared: Mapping[str, Prepared] | None = None,
 ) -> tuple[ConsolidatedState, CoreMemory]:
     """Compute this cycle's consolidated battery from ``snapshot`` and the previous ``memory``.
+
+    ``prepared``: racks' outcomes computed ahead by :func:`prepare`; one is taken instead of
+    recomputing its rack only where it is exactly the outcome this cycle would compute.
 
     ``inputs_only`` (an urgent cycle, run the moment a payload may lower a limit): a rack whose
     input is the one of the last cycle keeps that cycle's outcome even where time alone would
@@ -550,15 +619,22 @@ def step(
                 )
             )
         ):
-            rack = _rack_cycle(
-                roster_rack=rr,
-                rack_input=given or RackInput(rack_id),
-                snapshot=snapshot,
-                config=config,
-                now_s=now_s,
-                previous=memory.racks.get(rack_id) or RackMemory(),
-            )
-            entry = _entry(rack, given, rr, now_s, entry)
+            ahead = prepared.get(rack_id) if prepared else None
+            base = memory.racks.get(rack_id)
+            if ahead is not None and _takes(
+                ahead, given, base, config=config, clear_command_s=snapshot.clear_command_s, now_s=now_s
+            ):
+                entry = ahead.entry
+            else:
+                rack = _rack_cycle(
+                    roster_rack=rr,
+                    rack_input=given or RackInput(rack_id),
+                    clear_command_s=snapshot.clear_command_s,
+                    config=config,
+                    now_s=now_s,
+                    previous=base or RackMemory(),
+                )
+                entry = _entry(rack, given, rr, now_s, entry)
             recomputed.append(entry)
         entries[rack_id] = entry
     tally = None

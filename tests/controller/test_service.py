@@ -110,6 +110,24 @@ async def test_heartbeat_comes_from_the_cycle_and_never_stops(rig: Any) -> None:
     assert bus.ccl() == 0.0
 
 
+async def test_routine_payloads_are_computed_ahead_and_taken_by_the_full_cycle(rig: Any) -> None:
+    """Routine payloads (nothing lowered) are computed in idle time (controller.preparer); the full
+    cycle takes those outcomes; what goes out is what the cycle would compute itself (the core's
+    own property test), here: the limits follow the payloads, and a lowering still goes at once."""
+    svc, bus, pub, topics = rig
+    seq = await _feed(pub, topics, 100.0, 1.5)
+    await wait_until(lambda: bus.ccl() == pytest.approx(200.0), 2, "steady CCL")
+    taken_before = svc.stats.racks_prepared_taken
+    seq = await _feed(pub, topics, 100.0, 1.0, start_seq=seq)
+    taken = svc.stats.racks_prepared_taken - taken_before
+    # Two racks at 10 Hz for 1 s: about 20 payloads, nearly all computed ahead and taken.
+    assert taken >= 10, svc.stats
+    assert svc.stats.racks_prepared_taken <= svc.stats.racks_prepared
+    assert svc.preparer.errors == 0
+    _publish(pub, topics, "rack-01", seq, 60.0)
+    await wait_until(lambda: bus.ccl() == pytest.approx(120.0), 1.0, "lowered CCL")
+
+
 async def test_decrease_reaches_the_bus_within_milliseconds(rig: Any) -> None:
     svc, bus, pub, topics = rig
     seq = await _feed(pub, topics, 100.0, 1.2)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from controller.core.admission import admit, fully_admitted
 from controller.core.derates import WindowSums, _window_with, slope_per_s
-from controller.core.engine import CoreMemory, step
+from controller.core.engine import CoreMemory, Prepared, prepare, step
 from controller.core.snapshot import RackInput, Snapshot
 from controller.core.window import Window
 from shared.cluster import ConsolidatedState, RackState
@@ -310,3 +310,74 @@ def test_a_cycle_told_what_changed_equals_one_that_compares_every_rack(seed: int
             memory = memory_a
         previous = snap
     assert told[True] > 50 and told[False] > 100
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_cycle_taking_prepared_outcomes_equals_one_that_computes_them(seed: int) -> None:
+    """``prepare`` (a rack's outcome computed in idle time, before the cycle that takes its input in)
+    is a shortcut only. Outcomes are prepared as the shell would, between two cycles from the memory
+    of the last one, and also as it must not be trusted to: from an older memory, for a clear
+    command that has changed since, at a time after the cycle's. The cycle taking whatever it will
+    of them equals the cycle computing every rack itself, state and memory, inputs-only or full,
+    told what changed or not; and the memories go on with the prepared outcomes in their cache."""
+    rnd = random.Random(seed)
+    memory = older = CoreMemory.initial()
+    previous: Snapshot | None = None
+    previous_t: float | None = None
+    offered = taken = 0
+    for i, (cfg, t, full_snap) in enumerate(scenario(seed, cycles=300)):
+        snap = full_snap
+        prepared: dict[str, Prepared] = {}
+        for rid, rack_input in snap.racks.items():
+            if previous is not None and previous.racks.get(rid) is rack_input and rnd.random() < 0.8:
+                continue  # mostly the racks with a new input, as the shell does
+            at = t if previous_t is None or previous_t > t else rnd.uniform(previous_t, t)
+            if rnd.random() < 0.05:
+                at = t + rnd.choice([0.01, 0.5, 2.0])  # prepared "after" the cycle
+            base = older if rnd.random() < 0.1 else memory
+            clear = snap.clear_command_s if rnd.random() < 0.95 else t - 0.25
+            ahead = prepare(rack_input, cfg, at, base, clear_command_s=clear)
+            if ahead is not None:
+                prepared[rid] = ahead
+        offered += len(prepared)
+        inputs_only = previous is not None and rnd.random() < 0.3
+        if previous is not None and rnd.random() < 0.5:
+            before, now_in = previous.racks, snap.racks
+            changed = frozenset(
+                r for r in now_in.keys() | before.keys() if before.get(r) is not now_in.get(r)
+            )
+            snap = replace(snap, changed=changed)
+        wall = WALL_OFFSET_S + t
+        a, memory_a = step(snap, cfg, t, wall, memory, inputs_only=inputs_only, prepared=prepared)
+        b, memory_b = step(snap, cfg, t, wall, memory, inputs_only=inputs_only)
+        assert a == b, f"seed {seed} cycle {i} t={t} inputs_only={inputs_only}"
+        assert memory_a == memory_b and memory_a.racks == memory_b.racks, f"seed {seed} cycle {i}"
+        assert memory_a.cache is not None
+        taken += sum(1 for rid, e in memory_a.cache.entries.items()
+                     if rid in prepared and prepared[rid].entry is e)
+        older, memory, previous, previous_t = memory, memory_a, snap, t
+    # Worth something only if outcomes were both taken and refused.
+    assert taken > 50 and offered - taken > 25, f"{taken} of {offered} prepared outcomes taken"
+
+
+def test_a_prepared_outcome_is_taken_by_the_next_full_cycle() -> None:
+    """The shell's case: a routine payload prepared between two ticks is taken as is."""
+    cfg = config(3, thermal_derate={"window_s": 30.0})
+    inputs = {rid: RackInput(rid, telemetry(rid, poll_ms=500), 0.0) for rid in rack_ids(3)}
+    _, memory = step(Snapshot(racks=dict(inputs)), cfg, 0.0, WALL_OFFSET_S, CoreMemory.initial())
+    inputs["r2"] = RackInput("r2", telemetry("r2", poll_ms=500, seq=1, ccl=90.0), 0.05)
+    ahead = prepare(inputs["r2"], cfg, 0.05, memory, clear_command_s=None)
+    assert ahead is not None
+    told = Snapshot(racks=dict(inputs), changed=frozenset({"r2"}))
+    state, after = step(told, cfg, 0.1, WALL_OFFSET_S + 0.1, memory, prepared={"r2": ahead})
+    assert after.cache is not None and after.cache.entries["r2"] is ahead.entry
+    assert state == step(Snapshot(racks=dict(inputs)), cfg, 0.1, WALL_OFFSET_S + 0.1, memory)[0]
+    # Not for another input object, nor past the rack's staleness threshold (3 × 500 ms).
+    again = RackInput("r2", inputs["r2"].telemetry, 0.05)
+    _, other = step(Snapshot(racks={**inputs, "r2": again}), cfg, 0.1, WALL_OFFSET_S + 0.1, memory,
+                    prepared={"r2": ahead})
+    assert other.cache is not None and other.cache.entries["r2"] is not ahead.entry
+    late_now = 1.6
+    _, late = step(Snapshot(racks=dict(inputs)), cfg, late_now, WALL_OFFSET_S + late_now, memory,
+                   prepared={"r2": ahead})
+    assert late.cache is not None and late.cache.entries["r2"] is not ahead.entry
