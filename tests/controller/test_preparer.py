@@ -24,7 +24,7 @@ async def test_noted_racks_are_computed_after_what_is_ready_in_slices() -> None:
         order.append(rack_id)
         return _marker(rack_id)
 
-    preparer = Preparer(compute, slice_s=0.0)  # one rack per slice
+    preparer = Preparer(compute, slice_s=0.0, delay_s=0.0)  # one rack per slice, started at once
     loop = asyncio.get_running_loop()
     preparer.note("r1")
     preparer.note("r2")
@@ -49,7 +49,7 @@ async def test_a_failing_computation_is_counted_and_drops_only_that_rack(
             raise ValueError("defect")
         return None if rack_id == "none" else _marker(rack_id)
 
-    preparer = Preparer(compute)
+    preparer = Preparer(compute, delay_s=0.0)
     preparer.note("ok")
     await asyncio.sleep(0)
     with caplog.at_level(logging.ERROR):
@@ -65,3 +65,20 @@ def test_without_a_running_loop_nothing_is_kept_pending() -> None:
     preparer = Preparer(_marker)
     preparer.note("r1")
     assert not preparer.prepared and not preparer._pending
+
+
+async def test_racks_noted_within_the_delay_are_computed_together() -> None:
+    noted: list[str] = []
+
+    def compute(rack_id: str) -> Prepared | None:
+        noted.append(rack_id)
+        return _marker(rack_id)
+
+    preparer = Preparer(compute, delay_s=0.02)
+    for rack_id in ("r1", "r2", "r3"):
+        preparer.note(rack_id)
+        await asyncio.sleep(0.002)
+    assert noted == []  # still gathering
+    await asyncio.sleep(0.03)
+    assert noted == ["r1", "r2", "r3"]  # one run, back to back
+    assert set(preparer.prepared) == {"r1", "r2", "r3"}
