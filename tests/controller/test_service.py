@@ -167,6 +167,35 @@ async def test_core_defect_gives_zero_current_with_alarm_not_silence(
     assert svc.stats.cycle_errors > 0
 
 
+async def test_a_core_defect_met_by_an_urgent_payload_fails_safe_and_spares_the_session(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The urgent cycle runs in the message handler: a defect there is the cycle's (fail-safe frames,
+    counted), not the MQTT session's (no handler error, the connection stays, payloads still count)."""
+    svc, bus, pub, topics = rig
+    seq = await _feed(pub, topics, 100.0, 1.0)
+    await wait_until(lambda: bus.ccl() == pytest.approx(200.0), 2, "steady CCL")
+    real_step = service_module.step
+    calls: list[bool] = []
+
+    def broken_when_urgent(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("inputs_only", False))
+        if kwargs.get("inputs_only"):
+            raise RuntimeError("injected core defect")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(service_module, "step", broken_when_urgent)
+    _publish(pub, topics, "rack-01", seq, 50.0)
+    await wait_until(lambda: svc.stats.cycle_errors >= 1, 2, "the failed urgent cycle")
+    assert True in calls
+    await wait_until(lambda: bus.ccl() == 0.0, 1, "fail-safe frames")
+    assert svc.mqtt.stats.handler_errors == 0
+    assert svc.mqtt.is_connected
+    monkeypatch.setattr(service_module, "step", real_step)
+    await _feed(pub, topics, 50.0, 1.0, start_seq=seq + 1)
+    await wait_until(lambda: bus.ccl() == pytest.approx(100.0), 2, "recovered")
+
+
 async def test_bus_error_frames_are_counted_and_survived(rig: Any) -> None:
     svc, bus, _pub, _topics = rig
     injector = can.Bus(interface="virtual", channel=svc.config.can.channel)
