@@ -53,7 +53,14 @@ class Preparer:
         return self._prepared
 
     def note(self, rack_id: str) -> None:
-        """A routine payload of ``rack_id`` was stored: compute it within the delay, after what is ready."""
+        """A routine payload of ``rack_id`` was stored: compute it within the delay, after what is ready.
+
+        A rack computed already since the last full cycle is left to that cycle: a rack publishing
+        faster than the cycle runs is then computed once per cycle, as without preparation, not
+        once per payload.
+        """
+        if rack_id in self._prepared:
+            return
         self._pending[rack_id] = None
         if self._scheduled:
             return

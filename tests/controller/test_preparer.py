@@ -82,3 +82,22 @@ async def test_racks_noted_within_the_delay_are_computed_together() -> None:
     await asyncio.sleep(0.03)
     assert noted == ["r1", "r2", "r3"]  # one run, back to back
     assert set(preparer.prepared) == {"r1", "r2", "r3"}
+
+
+async def test_a_rack_computed_since_the_last_full_cycle_is_left_to_that_cycle() -> None:
+    noted: list[str] = []
+
+    def compute(rack_id: str) -> Prepared | None:
+        noted.append(rack_id)
+        return _marker(rack_id)
+
+    preparer = Preparer(compute, delay_s=0.0)
+    preparer.note("r1")
+    await asyncio.sleep(0)
+    preparer.note("r1")  # a second payload before the full cycle: that cycle computes it
+    await asyncio.sleep(0)
+    assert noted == ["r1"]
+    preparer.consumed()
+    preparer.note("r1")
+    await asyncio.sleep(0)
+    assert noted == ["r1", "r1"]
