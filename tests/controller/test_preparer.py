@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
@@ -15,6 +16,14 @@ from controller.preparer import Preparer
 
 def _marker(rack_id: str) -> Prepared:
     return cast(Prepared, ("outcome", rack_id))  # the preparer only stores what compute returns
+
+
+def _recording(noted: list[str]) -> Callable[[str], Prepared | None]:
+    def compute(rack_id: str) -> Prepared | None:
+        noted.append(rack_id)
+        return _marker(rack_id)
+
+    return compute
 
 
 async def test_noted_racks_are_computed_after_what_is_ready_in_slices() -> None:
@@ -69,11 +78,7 @@ def test_without_a_running_loop_nothing_is_kept_pending() -> None:
 
 async def test_racks_noted_within_the_delay_are_computed_together() -> None:
     noted: list[str] = []
-
-    def compute(rack_id: str) -> Prepared | None:
-        noted.append(rack_id)
-        return _marker(rack_id)
-
+    compute = _recording(noted)
     preparer = Preparer(compute, delay_s=0.02)
     for rack_id in ("r1", "r2", "r3"):
         preparer.note(rack_id)
@@ -86,11 +91,7 @@ async def test_racks_noted_within_the_delay_are_computed_together() -> None:
 
 async def test_a_rack_computed_since_the_last_full_cycle_is_left_to_that_cycle() -> None:
     noted: list[str] = []
-
-    def compute(rack_id: str) -> Prepared | None:
-        noted.append(rack_id)
-        return _marker(rack_id)
-
+    compute = _recording(noted)
     preparer = Preparer(compute, delay_s=0.0)
     preparer.note("r1")
     await asyncio.sleep(0)
