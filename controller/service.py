@@ -58,6 +58,7 @@ class ControllerStats:
     heartbeat_sets: int = 0
     messages: int = 0
     cycle_errors: int = 0
+    failsafe_errors: int = 0  # cycles whose fail-safe set could not be made or sent either
     sends_refused: int = 0  # frames the role machine did not let out (standby, fenced)
     heartbeats_sent: int = 0
     # Routine payloads' racks computed ahead of their full cycle (controller.preparer), and how
@@ -384,7 +385,14 @@ class ControllerService:
                 except TimeoutError:
                     pass
                 self._urgent.clear()
-                self._run_cycle()
+                try:
+                    self._run_cycle()
+                except Exception:
+                    # Not even the fail-safe set could be made or sent. Ending this loop would leave
+                    # the inverter in silence: count it, and try again at the next tick.
+                    self.stats.failsafe_errors += 1
+                    self._next_heartbeat = self._monotonic() + CONTROL_TICK_S
+                    log.exception("fail-safe set failed; trying again in %g s", CONTROL_TICK_S)
         finally:
             self._controlling = False
 

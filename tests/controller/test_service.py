@@ -196,6 +196,30 @@ async def test_a_core_defect_met_by_an_urgent_payload_fails_safe_and_spares_the_
     await wait_until(lambda: bus.ccl() == pytest.approx(100.0), 2, "recovered")
 
 
+async def test_the_control_loop_outlives_a_fail_safe_that_cannot_be_sent(
+    rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A core defect and a broken frame encoder at once: no set can be made, but the control loop
+    keeps trying at its tick (counted, not spinning) and the frames come back when it can."""
+    svc, bus, pub, topics = rig
+    seq = await _feed(pub, topics, 100.0, 1.0)
+
+    def broken(*_a: Any, **_k: Any) -> Any:
+        raise RuntimeError("injected defect")
+
+    monkeypatch.setattr(service_module, "step", broken)
+    monkeypatch.setattr(svc.encoder, "frames", broken)
+    await asyncio.sleep(0.6)
+    control = next(t for t in svc._tasks if t.get_name() == "controller-control")
+    assert not control.done()
+    assert 2 <= svc.stats.failsafe_errors <= 12, svc.stats  # at the tick (100 ms), not in a busy loop
+    monkeypatch.undo()
+    n = len(bus.limits)
+    await _feed(pub, topics, 100.0, 1.0, start_seq=seq)
+    assert len(bus.limits) > n
+    assert bus.ccl() == pytest.approx(200.0)
+
+
 async def test_bus_error_frames_are_counted_and_survived(rig: Any) -> None:
     svc, bus, _pub, _topics = rig
     injector = can.Bus(interface="virtual", channel=svc.config.can.channel)
