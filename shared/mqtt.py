@@ -19,6 +19,9 @@ batch of already-read messages there and goes on after the callbacks that are
 ready (the handler's own wake-up among them), so an urgent message is acted on
 before the rest of a burst is handled.
 
+Under MQTT 3.1.1 the session's client parses QoS 0 PUBLISH packets itself, straight from its
+read-ahead buffer, and leaves every other packet to paho (see :class:`_ReadAheadClient`).
+
 paho leaves Nagle's algorithm on; the first messages after a connect then
 wait 30–40 ms for a delayed ACK, so TCP_NODELAY is set on every new socket.
 """
