@@ -385,19 +385,15 @@ class ControllerService:
                 except TimeoutError:
                     pass
                 self._urgent.clear()
-                try:
-                    self._run_cycle()
-                except Exception:
-                    # Not even the fail-safe set could be made or sent. Ending this loop would leave
-                    # the inverter in silence: count it, and try again at the next tick.
-                    self.stats.failsafe_errors += 1
-                    self._next_heartbeat = self._monotonic() + CONTROL_TICK_S
-                    log.exception("fail-safe set failed; trying again in %g s", CONTROL_TICK_S)
+                self._run_cycle()
         finally:
             self._controlling = False
 
     def _run_cycle(self) -> None:
-        """The cycle that is due now: full at a tick or heartbeat, else urgent (inputs only)."""
+        """The cycle that is due now: full at a tick or heartbeat, else urgent (inputs only).
+
+        Never raises: it runs in the control loop and in the MQTT message handler alike.
+        """
         now = self._monotonic()
         heartbeat_due = now >= self._next_heartbeat
         full = heartbeat_due or now >= self._last_full_cycle + CONTROL_TICK_S
@@ -410,8 +406,17 @@ class ControllerService:
             self._last_full_cycle = now  # retried at the tick, not in a busy loop
             log.exception("control cycle failed; sending zero current with the alarm set")
             if heartbeat_due or self.stats.cycle_errors == 1:
-                safe = fail_safe(self.state or self.last_sent, self.config, self._wall())
-                self._send(safe, urgent=True)
+                self._send_fail_safe()
+
+    def _send_fail_safe(self) -> None:
+        try:
+            self._send(fail_safe(self.state or self.last_sent, self.config, self._wall()), urgent=True)
+        except Exception:
+            # Not even the fail-safe set could be made or sent. Ending the control loop would leave
+            # the inverter in silence: count it, and try again at the next tick.
+            self.stats.failsafe_errors += 1
+            self._next_heartbeat = self._monotonic() + CONTROL_TICK_S
+            log.exception("fail-safe set failed; trying again in %g s", CONTROL_TICK_S)
 
     # -- failover ----------------------------------------------------------------------------
 

@@ -400,8 +400,7 @@ def _takes(
     """Whether a prepared outcome is the one this cycle would compute for the rack (see prepare)."""
     entry = ahead.entry
     return (
-        given is not None
-        and entry.given is given
+        entry.given is given  # never None: prepare() is given an input
         and ahead.base is base
         and ahead.config is config
         and ahead.clear_command_s == clear_command_s
