@@ -147,6 +147,7 @@ def telemetry_template(rack_id: str) -> tuple[bytes, int, int]:
     telemetry = RackTelemetry(
         site_id=SITE,
         rack_id=rack_id,
+        stream_id="be4c000000000001",
         seq=SEQ_SENTINEL,
         timestamp_s=1_790_000_000.25,
         poll_interval_ms=POLL_INTERVAL_MS,

@@ -77,6 +77,9 @@ class RackAgent:
         self.metrics = AgentMetrics(config.rack_id)
         self.stats = AgentStats()
         self.seq = 0
+        # A new stream per run: the controller orders readings by seq within it and hears a restarted
+        # agent at once (its seq starts again from 1; its clock may have moved either way).
+        self.stream_id = uuid.uuid4().hex[:16]
         self.latest: RackTelemetry | None = None
         client_id = (
             config.mqtt.client_id
@@ -179,6 +182,7 @@ class RackAgent:
         return RackTelemetry(
             site_id=self.config.site_id,
             rack_id=self.config.rack_id,
+            stream_id=self.stream_id,
             seq=self.seq,
             timestamp_s=self._wall(),
             poll_interval_ms=self.config.polling.interval_ms,

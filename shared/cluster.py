@@ -10,21 +10,29 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 
 from shared.models import (
     SCHEMA_MAJOR,
     SCHEMA_MINOR,
     Amps,
+    Byte,
     CellVolts,
     Celsius,
+    Counter,
+    Flag,
     Identifier,
     LimitAmps,
     Location,
     PackVolts,
     Percent,
     ProtectionFlags,
+    Timestamp,
 )
+
+# Strict wire types, as in shared/models.py: no coercion of strings, bools or bytes on decoding.
+Text = Annotated[str, Strict()]
+Seconds = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 
 
 class _Frozen(BaseModel):
@@ -45,9 +53,9 @@ class RackState(StrEnum):
 class ClusterFlags(_Frozen):
     """Cluster-level conditions raised by the controller itself."""
 
-    not_enough_racks: bool = False
-    latched_alarm: bool = False  # a protection alarm is latched until cleared by command
-    unknown_rack_seen: bool = False
+    not_enough_racks: Flag = False
+    latched_alarm: Flag = False  # a protection alarm is latched until cleared by command
+    unknown_rack_seen: Flag = False
 
     def raised(self) -> tuple[str, ...]:
         return tuple(name for name, value in self if value)
@@ -56,31 +64,31 @@ class ClusterFlags(_Frozen):
 class RackView(_Frozen):
     rack_id: Identifier
     state: RackState
-    eligible: bool
+    eligible: Flag
     # 0..1 while a returning rack ramps in (1 = full share); 0 when not eligible.
-    share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    share: Annotated[float, Strict(), Field(ge=0.0, le=1.0)] = 0.0
     charge_current_limit_a: LimitAmps = 0.0
     discharge_current_limit_a: LimitAmps = 0.0
-    reason: str = ""
+    reason: Text = ""
 
 
 class ConsolidatedState(_Frozen):
-    schema_version: tuple[int, int] = (SCHEMA_MAJOR, SCHEMA_MINOR)
+    schema_version: tuple[Byte, Byte] = (SCHEMA_MAJOR, SCHEMA_MINOR)
     site_id: Identifier
     node_id: Identifier
-    timestamp_s: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    timestamp_s: Timestamp
     # What the inverter is told.
     charge_current_limit_a: LimitAmps
     discharge_current_limit_a: LimitAmps
     charge_voltage_limit_v: PackVolts
     discharge_voltage_limit_v: PackVolts
-    charge_enabled: bool
-    discharge_enabled: bool
+    charge_enabled: Flag
+    discharge_enabled: Flag
     # Why: e.g. "CCL 112 A = rack-03 (cell 3.43 V taper) × 4 eligible, ramping".
-    ccl_reason: str = ""
-    dcl_reason: str = ""
-    cvl_reason: str = ""
-    dvl_reason: str = ""
+    ccl_reason: Text = ""
+    dcl_reason: Text = ""
+    cvl_reason: Text = ""
+    dvl_reason: Text = ""
     # The consolidated battery as measured.
     soc_pct: Percent = 0.0
     soh_pct: Percent = 0.0
@@ -98,11 +106,11 @@ class ConsolidatedState(_Frozen):
     alarms: ProtectionFlags = ProtectionFlags()
     warnings: ProtectionFlags = ProtectionFlags()
     cluster: ClusterFlags = ClusterFlags()
-    capacity_ah: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
-    roster_size: Annotated[int, Field(ge=0)] = 0
-    eligible_racks: Annotated[int, Field(ge=0)] = 0
+    capacity_ah: Annotated[float, Strict(), Field(ge=0.0, allow_inf_nan=False)] = 0.0
+    roster_size: Counter = 0
+    eligible_racks: Counter = 0
     racks: tuple[RackView, ...] = ()
-    unknown_racks: tuple[str, ...] = ()
+    unknown_racks: tuple[Text, ...] = ()
 
     @property
     def alarm_active(self) -> bool:
@@ -112,26 +120,26 @@ class ConsolidatedState(_Frozen):
 class ControllerStatus(_Frozen):
     """Published (msgpack, retained) by every controller on its status topic, for operators."""
 
-    schema_version: tuple[int, int] = (SCHEMA_MAJOR, SCHEMA_MINOR)
+    schema_version: tuple[Byte, Byte] = (SCHEMA_MAJOR, SCHEMA_MINOR)
     site_id: Identifier
     node_id: Identifier
-    node_number: Annotated[int, Field(ge=0, le=255)] = 0
-    role: str
-    epoch: Annotated[int, Field(ge=0)] = 0
+    node_number: Byte = 0
+    role: Text
+    epoch: Counter = 0
     # Seconds since this node last heard the active (0 when it is the active; None: never).
-    since_active_heard_s: float | None = None
-    active_node_number: Annotated[int, Field(ge=0, le=255)] = 0
-    last_change_reason: str = ""
-    last_change_timestamp_s: float = 0.0
-    timestamp_s: float = 0.0
+    since_active_heard_s: Seconds | None = None
+    active_node_number: Byte = 0
+    last_change_reason: Text = ""
+    last_change_timestamp_s: Seconds = 0.0
+    timestamp_s: Seconds = 0.0
 
 
 class LeaderRecord(_Frozen):
     """Retained, with a Message Expiry: who was active at which epoch (advisory; CAN decides)."""
 
-    schema_version: tuple[int, int] = (SCHEMA_MAJOR, SCHEMA_MINOR)
+    schema_version: tuple[Byte, Byte] = (SCHEMA_MAJOR, SCHEMA_MINOR)
     site_id: Identifier
     node_id: Identifier
-    node_number: Annotated[int, Field(ge=0, le=255)] = 0
-    epoch: Annotated[int, Field(ge=0)]
-    timestamp_s: float = 0.0
+    node_number: Byte = 0
+    epoch: Counter
+    timestamp_s: Seconds = 0.0

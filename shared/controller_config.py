@@ -30,6 +30,8 @@ class RosterRack(Frozen):
     capacity_ah: Annotated[float, Field(gt=0, le=100_000)]
     # Default: 3 × the rack's own poll interval as it reports it, bounded to 1–10 s.
     stale_after_ms: Annotated[int, Field(ge=1000, le=10_000)] | None = None
+    # This rack's own isolation time (default: aggregation.isolation_s): see AggregationConfig.
+    isolation_s: Annotated[float, Field(ge=0.0, le=3600.0)] | None = None
 
 
 class Breakpoint(Frozen):
@@ -96,6 +98,11 @@ class AggregationConfig(Frozen):
     # A returning rack must stay ok this long before it counts, then its share ramps in over ramp_in_s.
     readmit_hold_s: Annotated[float, Field(ge=0.0, le=3600.0)] = 10.0
     readmit_ramp_s: Annotated[float, Field(ge=0.0, le=3600.0)] = 10.0
+    # A rack that was in parallel and is lost from sight (stale, invalid, comm-lost) may still be in
+    # parallel, taking its share: its exclusion lowers the bank at once but never raises it until the
+    # rack is known out of the bank, by its agent reporting the contactor open or by this time passing
+    # (the time within which the rack's own BMS opens its contactor on loss of communication).
+    isolation_s: Annotated[float, Field(ge=0.0, le=3600.0)] = 60.0
     # Increases of CCL/DCL ramp at this rate; decreases apply at once.
     ramp_up_a_per_s: Positive = 10.0
     # Bank-level ceilings: the inverter never gets more than this whatever the racks say.
@@ -197,6 +204,9 @@ class ControllerConfig(Frozen):
     modbus_server: ModbusServerConfig = ModbusServerConfig()
     metrics: MetricsConfig = MetricsConfig(port=9109)
     max_payload_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 64 * 1024
+    # A reading stamped further ahead of this controller's clock than this is refused (counted as
+    # future_timestamp): a far-future stamp is a lie or a broken clock, never a reading to act on.
+    max_clock_ahead_s: Annotated[float, Field(ge=0.1, le=3600.0)] = 5.0
     # Publish the consolidated state on the cluster topic (for monitoring), at most this often.
     state_publish_period_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
     failover: FailoverConfig = FailoverConfig()

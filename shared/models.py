@@ -14,10 +14,11 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 0
+# 1.1: ``stream_id`` (one per agent run) orders a rack's readings; 1.0 payloads lack it and are refused.
+SCHEMA_MINOR = 1
 
 PACK_VOLTAGE_MAX_V = 1000.0
 CELL_VOLTAGE_MAX_V = 10.0
@@ -26,16 +27,28 @@ TEMPERATURE_MAX_C = 125.0
 CURRENT_ABS_MAX_A = 10_000.0
 CAPACITY_MAX_AH = 100_000.0
 
-PackVolts = Annotated[float, Field(ge=0.0, le=PACK_VOLTAGE_MAX_V, allow_inf_nan=False)]
-CellVolts = Annotated[float, Field(ge=0.0, le=CELL_VOLTAGE_MAX_V, allow_inf_nan=False)]
-Celsius = Annotated[float, Field(ge=TEMPERATURE_MIN_C, le=TEMPERATURE_MAX_C, allow_inf_nan=False)]
-Amps = Annotated[float, Field(ge=-CURRENT_ABS_MAX_A, le=CURRENT_ABS_MAX_A, allow_inf_nan=False)]
-LimitAmps = Annotated[float, Field(ge=0.0, le=CURRENT_ABS_MAX_A, allow_inf_nan=False)]
-Percent = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)]
-AmpHours = Annotated[float, Field(ge=0.0, le=CAPACITY_MAX_AH, allow_inf_nan=False)]
-Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
-Location = Annotated[str, Field(max_length=64)]
-Counter = Annotated[int, Field(ge=0, le=2**63 - 1)]
+# Every wire type is Strict: a payload must carry the type the contract names. No string is read as a
+# number ("9999" is not 9999 A), no bool as a number or a number as a bool, no bytes as text. An int
+# stands for a float (msgpack packs 40.0 as a float, but a producer may send 40).
+PackVolts = Annotated[float, Strict(), Field(ge=0.0, le=PACK_VOLTAGE_MAX_V, allow_inf_nan=False)]
+CellVolts = Annotated[float, Strict(), Field(ge=0.0, le=CELL_VOLTAGE_MAX_V, allow_inf_nan=False)]
+Celsius = Annotated[
+    float, Strict(), Field(ge=TEMPERATURE_MIN_C, le=TEMPERATURE_MAX_C, allow_inf_nan=False)
+]
+Amps = Annotated[float, Strict(), Field(ge=-CURRENT_ABS_MAX_A, le=CURRENT_ABS_MAX_A, allow_inf_nan=False)]
+LimitAmps = Annotated[float, Strict(), Field(ge=0.0, le=CURRENT_ABS_MAX_A, allow_inf_nan=False)]
+Percent = Annotated[float, Strict(), Field(ge=0.0, le=100.0, allow_inf_nan=False)]
+AmpHours = Annotated[float, Strict(), Field(ge=0.0, le=CAPACITY_MAX_AH, allow_inf_nan=False)]
+Identifier = Annotated[
+    str, Strict(), Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+]
+Location = Annotated[str, Strict(), Field(max_length=64)]
+Counter = Annotated[int, Strict(), Field(ge=0, le=2**63 - 1)]
+Byte = Annotated[int, Strict(), Field(ge=0, le=255)]
+Flag = Annotated[bool, Strict()]
+# One agent run's stream of readings: random at each start (see RackTelemetry.stream_id).
+StreamId = Annotated[str, Strict(), Field(min_length=8, max_length=32, pattern=r"^[0-9a-f]+$")]
+Timestamp = Annotated[float, Strict(), Field(ge=0.0, allow_inf_nan=False)]
 
 
 class _Frozen(BaseModel):
@@ -69,19 +82,19 @@ class ContactorState(StrEnum):
 class ProtectionFlags(_Frozen):
     """Named protection conditions; used both for alarms (trips) and warnings (pre-alarms)."""
 
-    cell_over_voltage: bool = False
-    cell_under_voltage: bool = False
-    pack_over_voltage: bool = False
-    pack_under_voltage: bool = False
-    charge_over_current: bool = False
-    discharge_over_current: bool = False
-    charge_over_temperature: bool = False
-    charge_under_temperature: bool = False
-    discharge_over_temperature: bool = False
-    discharge_under_temperature: bool = False
-    cell_imbalance: bool = False
-    internal_fault: bool = False
-    insulation_fault: bool = False
+    cell_over_voltage: Flag = False
+    cell_under_voltage: Flag = False
+    pack_over_voltage: Flag = False
+    pack_under_voltage: Flag = False
+    charge_over_current: Flag = False
+    discharge_over_current: Flag = False
+    charge_over_temperature: Flag = False
+    charge_under_temperature: Flag = False
+    discharge_over_temperature: Flag = False
+    discharge_under_temperature: Flag = False
+    cell_imbalance: Flag = False
+    internal_fault: Flag = False
+    insulation_fault: Flag = False
 
     # These run several times per control cycle and per received payload: they read the field
     # values from ``__dict__`` (where a frozen ``extra="forbid"`` model keeps exactly its fields,
@@ -128,7 +141,7 @@ class UnitLink(_Frozen):
     unit: Identifier
     status: LinkStatus
     consecutive_failures: Counter = 0
-    last_exception_code: Annotated[int, Field(ge=0, le=255)] | None = None
+    last_exception_code: Byte | None = None
     counters: LinkCounters = LinkCounters()
 
 
@@ -179,15 +192,16 @@ class RackTelemetry(_Frozen):
     rack that cannot be heard grants no current.
     """
 
-    schema_version: tuple[Annotated[int, Field(ge=0, le=255)], Annotated[int, Field(ge=0, le=255)]] = (
-        SCHEMA_MAJOR,
-        SCHEMA_MINOR,
-    )
+    schema_version: tuple[Byte, Byte] = (SCHEMA_MAJOR, SCHEMA_MINOR)
     site_id: Identifier
     rack_id: Identifier
+    # Readings are ordered by ``seq`` within one agent run only: a new run (a restart) starts a new
+    # stream, heard at once whatever its seq or clock. A payload can therefore never lock a rack out
+    # by claiming a huge seq or a far-future timestamp (the controller also refuses those).
+    stream_id: StreamId
     seq: Counter
-    timestamp_s: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
-    poll_interval_ms: Annotated[int, Field(ge=10, le=60_000)]
+    timestamp_s: Timestamp
+    poll_interval_ms: Annotated[int, Strict(), Field(ge=10, le=60_000)]
     comm_state: RackCommState
     measurements: RackMeasurements | None
     units: tuple[UnitLink, ...] = Field(min_length=1, max_length=64)

@@ -54,6 +54,7 @@ Identifier = Annotated[
     str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 ]
 Location = Annotated[str, msgspec.Meta(max_length=64)]
+StreamId = Annotated[str, msgspec.Meta(min_length=8, max_length=32, pattern=r"^[0-9a-f]+\Z")]
 Counter63 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Byte = Annotated[int, msgspec.Meta(ge=0, le=255)]
 # The model bounds the timestamp below only (and refuses inf/NaN); any finite float is below this.
@@ -157,6 +158,7 @@ class TelemetryRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, g
     schema_version: tuple[Byte, Byte]
     site_id: Identifier
     rack_id: Identifier
+    stream_id: StreamId
     seq: Counter63
     timestamp_s: Timestamp
     poll_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)]

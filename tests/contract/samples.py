@@ -44,6 +44,7 @@ def telemetry(**overrides: object) -> RackTelemetry:
     values: dict[str, object] = {
         "site_id": "site-a",
         "rack_id": "rack-01",
+        "stream_id": "5eed0000000000aa",
         "seq": 7,
         "timestamp_s": 1_790_000_000.25,
         "poll_interval_ms": 500,

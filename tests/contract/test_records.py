@@ -120,15 +120,29 @@ def test_the_sample_payload_takes_the_fast_path() -> None:
     assert agree(encode(telemetry())) is not None
 
 
-def test_a_payload_only_the_models_accept_goes_through_them() -> None:
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("measurements", "soc_pct"), "64.5"),  # a numeric string is not a number
+        (("measurements", "charge_current_limit_a"), "9999"),
+        (("measurements", "charge_current_limit_a"), True),  # nor a bool
+        (("measurements", "alarms", "cell_over_voltage"), 0),  # nor a number a bool
+        (("rack_id",), b"rack-01"),  # nor bytes text
+        (("seq",), 7.0),  # nor a float an integer
+    ],
+)
+def test_no_path_coerces_a_wire_type(path: tuple[str, ...], value: object) -> None:
     raw = _raw()
-    raw["measurements"]["soc_pct"] = "64.5"  # pydantic's lax mode takes a numeric string
-    raw["measurements"]["alarms"]["cell_over_voltage"] = 0
+    target = raw
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
     decoder = TelemetryDecoder()
-    record = decoder.decode(_pack(raw))
-    assert record.measurements is not None and record.measurements.soc_pct == 64.5
-    assert decoder.fast_accepted == 0 and decoder.accepted == 1
-    assert agree(_pack(raw)) is None
+    with pytest.raises(DecodeError) as caught:
+        decoder.decode(_pack(raw))
+    assert caught.value.reason is RejectReason.INVALID
+    assert path[-1] in str(caught.value)
+    assert decoder.accepted == 0 and decoder.rejected[RejectReason.INVALID] == 1
 
 
 def _numeric_bounds(model: type[BaseModel]) -> list[tuple[str, float | None, float | None]]:
@@ -273,6 +287,7 @@ def _valid_payloads(draw: st.DrawFn) -> bytes:
     )
     model = RackTelemetry(
         site_id="site-a", rack_id=draw(st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,20}\Z")),
+        stream_id=draw(st.from_regex(r"\A[0-9a-f]{8,32}\Z")),
         seq=draw(st.integers(0, 2**63 - 1)), timestamp_s=draw(st.floats(0, 1e300)),
         poll_interval_ms=draw(st.integers(10, 60_000)), comm_state=comm,
         measurements=RackMeasurements(**m) if comm is RackCommState.OK or draw(st.booleans()) else None,

@@ -90,6 +90,7 @@ def telemetry(
     return record_of(RackTelemetry(
         site_id=site,
         rack_id=rack_id,
+        stream_id="5eed0000000000aa",
         seq=seq,
         timestamp_s=WALL_OFFSET_S,
         poll_interval_ms=poll_ms,
