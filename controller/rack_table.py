@@ -14,11 +14,14 @@ for it, a control tick away, as they would without the urgent one).
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
+from collections.abc import Callable
 from typing import NamedTuple
 
 from controller.core.snapshot import RackInput, Snapshot
 from shared.codec import DecodeError
+from shared.logthrottle import ThrottledLog
 from shared.models import RackCommState
 from shared.records import TelemetryDecoder, TelemetryRecord
 from shared.topics import Topics
@@ -26,6 +29,12 @@ from shared.topics import Topics
 log = logging.getLogger(__name__)
 
 MAX_UNKNOWN_TRACKED = 64  # a spoofing publisher must not grow our memory without bound
+# Within one stream a reading may run ahead of the last accepted one by at most this many sequence
+# numbers, plus MAX_SEQ_RATE_HZ for every second since that one was received: an agent publishes at
+# most every 10 ms (poll_interval_ms >= 10), so anything further is a lie that would otherwise make
+# every genuine reading after it look old.
+SEQ_SLACK = 1000
+MAX_SEQ_RATE_HZ = 200.0
 
 
 class Ingest(NamedTuple):
@@ -63,10 +72,21 @@ def _urgent_change(old: TelemetryRecord | None, new: TelemetryRecord) -> bool:
 
 
 class RackTable:
-    def __init__(self, topics: Topics, roster: tuple[str, ...], site_id: str, max_payload_bytes: int) -> None:
+    def __init__(
+        self,
+        topics: Topics,
+        roster: tuple[str, ...],
+        site_id: str,
+        max_payload_bytes: int,
+        *,
+        max_clock_ahead_s: float = 5.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.topics = topics
         self.site_id = site_id
         self.decoder = TelemetryDecoder(max_payload_bytes)
+        self.max_clock_ahead_s = max_clock_ahead_s
+        self._wall = wall_clock
         self._racks: dict[str, RackInput] = {}  # the latest input of every roster rack
         self._committed: dict[str, RackInput] = {}  # what the core is to see in an urgent cycle
         self._committed_since_snapshot: set[str] = set()
@@ -74,6 +94,7 @@ class RackTable:
         self._roster: tuple[str, ...] = ()
         self.unknown: dict[str, int] = {}
         self.counters: Counter[str] = Counter()
+        self._log = ThrottledLog(log)
         self.set_roster(roster)
 
     def set_roster(self, roster: tuple[str, ...]) -> None:
@@ -106,26 +127,27 @@ class RackTable:
             telemetry = self.decoder.decode(payload, topic)
         except DecodeError as exc:
             self.counters[f"rejected_{exc.reason.value}"] += 1
-            log.warning("rack %s: %s", rack_id, exc)
-            self._commit(RackInput(
-                rack_id, current.telemetry, current.received_s, invalid_at_s=now_s, invalid_reason=str(exc)
-            ))
-            return Ingest(rack_id, False, True, str(exc))
+            self._log.warning(("rejected", rack_id, exc.reason), "rack %s: %s", rack_id, exc)
+            return self._invalid(current, now_s, str(exc))
         if telemetry.rack_id != rack_id or telemetry.site_id != self.site_id:
             # A payload claiming another identity than its topic is spoofed or misconfigured: never counted.
             self.counters["identity_mismatch"] += 1
-            log.warning("rack %s: payload claims site %s rack %s; ignored", rack_id, telemetry.site_id,
-                        telemetry.rack_id)
-            self._commit(RackInput(
-                rack_id, current.telemetry, current.received_s, invalid_at_s=now_s,
-                invalid_reason=f"payload claims rack {telemetry.rack_id} of site {telemetry.site_id}",
-            ))
-            return Ingest(rack_id, False, True, "identity mismatch")
+            self._log.warning(("identity", rack_id), "rack %s: payload claims site %s rack %s; ignored",
+                              rack_id, telemetry.site_id, telemetry.rack_id)
+            return self._invalid(
+                current, now_s, f"payload claims rack {telemetry.rack_id} of site {telemetry.site_id}"
+            )
+        ahead_s = telemetry.timestamp_s - self._wall()
+        if ahead_s > self.max_clock_ahead_s:
+            # Refused, not stored: a far-future reading must not stand in for the rack's next ones.
+            self.counters["future_timestamp"] += 1
+            self._log.warning(("future", rack_id), "rack %s: reading stamped %.1f s ahead of this clock "
+                              "(tolerance %.1f s); refused", rack_id, ahead_s, self.max_clock_ahead_s)
+            return Ingest(rack_id, False, False, "timestamp in the future")
         old = current.telemetry
-        if old is not None and telemetry.seq <= old.seq and telemetry.timestamp_s <= old.timestamp_s:
-            # A duplicate or reordered message (QoS redelivery, agent restart is caught by timestamp).
-            self.counters["out_of_order"] += 1
-            return Ingest(rack_id, False, False, "out of order")
+        refusal = self._out_of_sequence(current, telemetry, now_s)
+        if refusal is not None:
+            return Ingest(rack_id, False, False, refusal)
         self.counters["accepted"] += 1
         urgent = _urgent_change(old, telemetry) or current.invalid_at_s is not None
         latest = RackInput(rack_id, telemetry, now_s)
@@ -134,6 +156,39 @@ class RackTable:
         else:
             self._store(latest)
         return Ingest(rack_id, True, urgent)
+
+    def _out_of_sequence(self, current: RackInput, telemetry: TelemetryRecord, now_s: float) -> str | None:
+        """Why ``telemetry`` is not the next reading of its rack's stream, or None if it is.
+
+        Order is judged by ``seq`` within one agent run (``stream_id``) only: a new stream is a
+        restarted agent, heard at once whatever its seq or clock; so no reading can make the genuine
+        ones after it look old for longer than the bounded jump below allows.
+        """
+        old = current.telemetry
+        if old is None or telemetry.stream_id != old.stream_id:
+            if old is not None:
+                self.counters["new_stream"] += 1
+                self._log.info(("stream", current.rack_id), "rack %s: new agent stream %s (was %s)",
+                               current.rack_id, telemetry.stream_id, old.stream_id)
+            return None
+        if telemetry.seq <= old.seq:
+            # A duplicate or reordered message of the same run.
+            self.counters["out_of_order"] += 1
+            return "out of order"
+        allowed = SEQ_SLACK + MAX_SEQ_RATE_HZ * max(0.0, now_s - current.received_s)
+        if telemetry.seq - old.seq > allowed:
+            self.counters["seq_jump"] += 1
+            self._log.warning(("seq_jump", current.rack_id), "rack %s: seq jumps from %d to %d in %.1f s; "
+                              "refused", current.rack_id, old.seq, telemetry.seq, now_s - current.received_s)
+            return "sequence jump"
+        return None
+
+    def _invalid(self, current: RackInput, now_s: float, reason: str) -> Ingest:
+        """An unusable payload: the rack's last good reading stays, marked invalid from now (urgent)."""
+        self._commit(RackInput(
+            current.rack_id, current.telemetry, current.received_s, invalid_at_s=now_s, invalid_reason=reason
+        ))
+        return Ingest(current.rack_id, False, True, reason)
 
     def _store(self, rack_input: RackInput) -> None:
         self._racks[rack_input.rack_id] = rack_input
@@ -150,7 +205,8 @@ class RackTable:
         if rack_id not in self.unknown:
             if len(self.unknown) >= MAX_UNKNOWN_TRACKED:
                 return Ingest(rack_id, False, False, why)
-            log.warning("telemetry from rack %s which is %s: reported, never counted", rack_id, why)
+            self._log.warning(("unknown",), "telemetry from rack %s which is %s: reported, never counted",
+                              rack_id, why)
         self.unknown[rack_id] = self.unknown.get(rack_id, 0) + 1
         return Ingest(rack_id, False, False, why)
 

@@ -132,7 +132,8 @@ class ControllerService:
         self._wall = wall_clock
         self.topics = Topics(config.mqtt.topic_prefix, config.site_id)
         self.table = RackTable(self.topics, tuple(r.rack_id for r in config.roster), config.site_id,
-                               config.max_payload_bytes)
+                               config.max_payload_bytes, max_clock_ahead_s=config.max_clock_ahead_s,
+                               wall_clock=wall_clock)
         self.encoder = FrameEncoder(config.can, module_count=len(config.roster))
         failover = config.failover
         self.can = CanPort(

@@ -146,6 +146,12 @@ class ModbusServerConfig(Frozen):
     port: Port = 1502
     device_id: Annotated[int, Field(ge=1, le=247)] = 1
     allowed_clients: tuple[str, ...] = ("127.0.0.1",)
+    # A connection that sends no complete request for this long is closed (a reader that vanished
+    # without a FIN, or a client that only connects, must not hold a slot for ever).
+    idle_timeout_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 30.0
+    # Connections beyond this are closed at once (counted): a flood of clients cannot exhaust the
+    # controller's file descriptors, whose loop also drives the inverter.
+    max_connections: Annotated[int, Field(ge=1, le=256)] = 8
 
 
 class FailoverConfig(Frozen):
