@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rack_agent.errors import ProfileError
-from shared.config import ConfigError
+from shared.config import ConfigError, is_loopback
 
 if TYPE_CHECKING:
     from shared.controller_config import ControllerConfig
@@ -38,6 +38,14 @@ def _setup_logging(level: str) -> None:
     # pymodbus logs every timeout at ERROR with hex dumps; our own lines classify them.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     logging.getLogger("can").setLevel(logging.WARNING)
+
+
+def _warn_exposed(listeners: Sequence[tuple[str, str]]) -> None:
+    """A listener beyond loopback exists only because the config says so: say it at every start."""
+    for what, host in listeners:
+        if not is_loopback(host):
+            log.warning("%s listens on %s, beyond this machine: make sure a firewall or the network "
+                        "limits who reaches it", what, host)
 
 
 def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int:
@@ -76,6 +84,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
             f"{args.config}: ok (site {config.site_id}, rack {config.rack_id}, {len(config.units)} unit(s))"
         )
         return EXIT_OK
+    _warn_exposed(config.listeners())
 
     async def main(stop: asyncio.Event) -> None:
         agent = RackAgent(config)
@@ -103,6 +112,7 @@ def _cmd_controller(args: argparse.Namespace) -> int:
             f"{args.config}: ok (site {config.site_id}, node {config.node_id}, {len(config.roster)} rack(s))"
         )
         return EXIT_OK
+    _warn_exposed(config.listeners())
 
     async def main(stop: asyncio.Event) -> None:
         service = ControllerService(config)

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from shared.config import Frozen, MetricsConfig, MqttConfig, Port
+from shared.config import CanInterfaceName, Frozen, MetricsConfig, MqttConfig, Port
 from shared.models import Identifier
 
 POLL_INTERVAL_MIN_MS = 100
@@ -35,7 +35,7 @@ class ModbusRtuLink(Frozen):
 class CanLink(Frozen):
     type: Literal["can"]
     name: Identifier
-    interface: str = "socketcan"
+    interface: CanInterfaceName = "socketcan"
     channel: str = "can0"
     bitrate: Annotated[int, Field(ge=10_000, le=1_000_000)] = 500_000
     # A CAN BMS broadcasts about once a second; frames older than this are not a reading.
@@ -115,6 +115,10 @@ class AgentConfig(Frozen):
                 f"polling.interval_ms ({self.polling.interval_ms})"
             )
         return self
+
+    def listeners(self) -> list[tuple[str, str]]:
+        """(what, address) of every enabled listener, for the warning about exposed ones."""
+        return [("metrics", self.metrics.host)] if self.metrics.enabled else []
 
     def link(self, name: str) -> ModbusTcpLink | ModbusRtuLink | CanLink:
         for link in self.links:

@@ -6,15 +6,62 @@ path and what was expected; the CLI turns it into exit status 2.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import can.interfaces
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 M = TypeVar("M", bound=BaseModel)
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+LOOPBACK_HOSTS = frozenset({"localhost"})
+
+
+def _ip_address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"not an IP address: {value!r} (a listener binds an address, e.g. 127.0.0.1)") \
+            from None
+    return value
+
+
+def _readable_file(value: Path) -> Path:
+    if not value.is_file():
+        raise ValueError(f"{value} does not exist or is not a file")
+    if not os.access(value, os.R_OK):
+        raise ValueError(f"{value} is not readable by this user")
+    return value
+
+
+def _can_interface(value: str) -> str:
+    # python-can's registry of interface names (its own and those installed as plugins, such as
+    # python-can-remote's "remote"): an unknown name would otherwise only fail when the bus opens.
+    known = can.interfaces.VALID_INTERFACES
+    if value not in known:
+        raise ValueError(f"unknown CAN interface {value!r}; python-can knows {', '.join(sorted(known))}")
+    return value
+
+
+# The address a listener of ours binds: an IP address, never a name to resolve.
+ListenAddress = Annotated[str, AfterValidator(_ip_address)]
+# A file the process must read at start (TLS material): checked when the config is loaded.
+ReadableFile = Annotated[Path, AfterValidator(_readable_file)]
+CanInterfaceName = Annotated[str, AfterValidator(_can_interface)]
+
+
+def is_loopback(host: str) -> bool:
+    """True if binding ``host`` keeps a listener on this machine."""
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ConfigError(Exception):
@@ -34,9 +81,9 @@ class Frozen(BaseModel):
 
 
 class TlsConfig(Frozen):
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    ca_file: ReadableFile | None = None
+    cert_file: ReadableFile | None = None
+    key_file: ReadableFile | None = None
     # Only for commissioning against a broker with a self-signed certificate.
     insecure_skip_verify: bool = False
 
@@ -74,7 +121,7 @@ class MetricsConfig(Frozen):
     """Opt-in Prometheus endpoint."""
 
     enabled: bool = False
-    host: str = "127.0.0.1"
+    host: ListenAddress = "127.0.0.1"
     port: Port = 9108
 
 
@@ -106,17 +153,51 @@ def validate_config(data: dict[str, Any], model: type[M], source: Path | str) ->
         raise ConfigError(source, format_validation_error(exc)) from exc
 
 
+# Deeper than any real configuration; tomllib recurses per level and would hit Python's limit.
+MAX_NESTING = 32
+
+
+def _nesting(value: object) -> int:
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        if depth > MAX_NESTING:
+            return depth
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item if isinstance(item, list) else ())
+        ]
+    return depth
+
+
 def load_toml(path: Path | str) -> dict[str, Any]:
+    """Read a TOML file; every way it can be unusable is a :class:`ConfigError` that says which."""
     path = Path(path)
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        data = path.read_bytes()
     except FileNotFoundError as exc:
         raise ConfigError(path, ["file not found"]) from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(path, ["is a directory, not a file"]) from exc
     except PermissionError as exc:
         raise ConfigError(path, ["permission denied"]) from exc
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot be read: {exc.strerror or exc}"]) from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [f"not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                                 "TOML files are UTF-8"]) from exc
+    try:
+        parsed = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [f"not valid TOML: {exc}"]) from exc
+    except RecursionError as exc:
+        raise ConfigError(path, [f"nested too deeply (more than {MAX_NESTING} levels)"]) from exc
+    if _nesting(parsed) > MAX_NESTING:
+        raise ConfigError(path, [f"nested too deeply (more than {MAX_NESTING} levels)"])
+    return parsed
 
 
 def load_config(path: Path | str, model: type[M]) -> M:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from shared.config import Frozen, MetricsConfig, MqttConfig, Port
+from shared.config import CanInterfaceName, Frozen, ListenAddress, MetricsConfig, MqttConfig, Port
 from shared.models import Identifier
 
 NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
@@ -121,7 +121,7 @@ class Dialect(StrEnum):
 
 
 class InverterCanConfig(Frozen):
-    interface: str = "socketcan"
+    interface: CanInterfaceName = "socketcan"
     channel: str = "can0"
     bitrate: Annotated[int, Field(ge=10_000, le=1_000_000)] = 500_000
     dialect: Dialect = Dialect.PYLON
@@ -142,10 +142,10 @@ class ModbusServerConfig(Frozen):
     """Optional read-only SunSpec 802 view of the consolidated battery for EMS/inverters that read Modbus."""
 
     enabled: bool = False
-    host: str = "127.0.0.1"
+    host: ListenAddress = "127.0.0.1"
     port: Port = 1502
     device_id: Annotated[int, Field(ge=1, le=247)] = 1
-    allowed_clients: tuple[str, ...] = ("127.0.0.1",)
+    allowed_clients: tuple[ListenAddress, ...] = ("127.0.0.1",)
     # A connection that sends no complete request for this long is closed (a reader that vanished
     # without a FIN, or a client that only connects, must not hold a slot for ever).
     idle_timeout_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 30.0
@@ -216,6 +216,15 @@ class ControllerConfig(Frozen):
     # Publish the consolidated state on the cluster topic (for monitoring), at most this often.
     state_publish_period_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
     failover: FailoverConfig = FailoverConfig()
+
+    def listeners(self) -> list[tuple[str, str]]:
+        """(what, address) of every enabled listener, for the warning about exposed ones."""
+        found = []
+        if self.metrics.enabled:
+            found.append(("metrics", self.metrics.host))
+        if self.modbus_server.enabled:
+            found.append(("modbus_server", self.modbus_server.host))
+        return found
 
     @model_validator(mode="after")
     def _roster(self) -> ControllerConfig:
