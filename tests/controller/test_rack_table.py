@@ -135,3 +135,74 @@ def test_urgent_snapshot_holds_routine_payloads_back_until_a_full_cycle() -> Non
     assert third.racks["rack-01"] is full.racks["rack-01"]  # what is not named is the very same input
     table.set_roster(("rack-01", "rack-02"))
     assert table.snapshot(None).changed is None  # a reload: the core compares every rack again
+
+
+# -- ordering that cannot be poisoned (issue 10, item 2) -------------------------------------------
+
+WALL_NOW_S = 1_790_000_010.0
+GENUINE = "0123456789abcdef"
+OTHER = "fedcba9876543210"
+
+
+def _clocked_table() -> RackTable:
+    return RackTable(TOPICS, ("rack-01", "rack-02"), "site-a", 64 * 1024, max_clock_ahead_s=5.0,
+                     wall_clock=lambda: WALL_NOW_S)
+
+
+def test_a_far_future_reading_is_refused_and_never_locks_the_rack_out() -> None:
+    """The payload of the report: seq 2**63-1 stamped 4e9, then the genuine agent carries on."""
+    table = _clocked_table()
+    genuine = {"stream_id": GENUINE, "timestamp_s": WALL_NOW_S}
+    assert _send(table, seq=10, **genuine).accepted
+    for stream in (GENUINE, OTHER):
+        poison = _send(table, seq=2**63 - 1, timestamp_s=4e9, stream_id=stream,
+                       measurements=measurements(charge_current_limit_a=1000.0), now=1.5)
+        assert not poison.accepted and not poison.urgent
+    assert table.counters["future_timestamp"] == 2
+    for k, seq in enumerate(range(11, 31)):
+        assert _send(table, seq=seq, now=2.0 + k, **genuine).accepted
+    latest = table.latest("rack-01")
+    assert latest is not None and latest.telemetry is not None and latest.telemetry.seq == 30
+    assert latest.invalid_at_s is None  # the refusal did not even mark the rack invalid
+
+
+def test_a_reading_within_the_clock_tolerance_is_heard() -> None:
+    table = _clocked_table()
+    assert _send(table, seq=1, stream_id=GENUINE, timestamp_s=WALL_NOW_S + 4.9).accepted
+    assert not _send(table, seq=2, stream_id=GENUINE, timestamp_s=WALL_NOW_S + 5.1).accepted
+
+
+def test_a_seq_jump_beyond_the_publish_rate_is_refused_within_a_stream() -> None:
+    """Knowing the stream id, a forger still cannot push the stream's seq out of reach."""
+    table = _clocked_table()
+    assert _send(table, seq=100, stream_id=GENUINE, timestamp_s=WALL_NOW_S, now=10.0).accepted
+    assert not _send(table, seq=2**62, stream_id=GENUINE, timestamp_s=WALL_NOW_S, now=10.1).accepted
+    assert table.counters["seq_jump"] == 1
+    assert _send(table, seq=101, stream_id=GENUINE, timestamp_s=WALL_NOW_S, now=10.6).accepted
+    # After a long silence a larger jump is plausible (the agent kept publishing while we were away).
+    assert _send(table, seq=101 + 50_000, stream_id=GENUINE, timestamp_s=WALL_NOW_S, now=300.0).accepted
+
+
+def test_a_restarted_agent_is_heard_at_once_whatever_its_seq_and_clock() -> None:
+    table = _clocked_table()
+    assert _send(table, seq=5000, stream_id=GENUINE, timestamp_s=WALL_NOW_S).accepted
+    # Restarted, seq from 1 again, and its clock was corrected 1 h back.
+    assert _send(table, seq=1, stream_id=OTHER, timestamp_s=WALL_NOW_S - 3600, now=2.0).accepted
+    assert table.counters["new_stream"] == 1
+    assert _send(table, seq=2, stream_id=OTHER, timestamp_s=WALL_NOW_S - 3599.5, now=2.5).accepted
+    assert not _send(table, seq=2, stream_id=OTHER, timestamp_s=WALL_NOW_S - 3599, now=3.0).accepted
+
+
+def test_a_clock_corrected_backwards_within_a_run_does_not_stop_the_stream() -> None:
+    table = _clocked_table()
+    assert _send(table, seq=1, stream_id=GENUINE, timestamp_s=WALL_NOW_S).accepted
+    assert _send(table, seq=2, stream_id=GENUINE, timestamp_s=WALL_NOW_S - 600.0, now=1.5).accepted
+
+
+def test_rejections_log_a_sample_and_count_everything(caplog) -> None:  # type: ignore[no-untyped-def]
+    table = _table()
+    with caplog.at_level("WARNING", logger="controller.rack_table"):
+        for k in range(500):
+            table.ingest(TOPICS.rack_telemetry("rack-01"), b"\xc1garbage", 1.0 + k * 0.001)
+    assert table.counters["rejected_malformed"] == 500
+    assert len(caplog.records) <= 5
