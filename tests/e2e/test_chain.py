@@ -157,7 +157,7 @@ async def test_invalid_telemetry_excludes_the_rack(chain: Chain) -> None:
     await chain.settle()
     async with Publisher(chain.broker, chain.prefix) as rogue:
         raw = msgpack.unpackb(encode(telemetry(site_id="site-e", rack_id="rack-02", seq=10**9,
-                                               timestamp_s=time.time() + 3600)), raw=False)
+                                               timestamp_s=time.time())), raw=False)
         raw["measurements"]["charge_current_limit_a"] = -5.0  # impossible
         bad = msgpack.packb(raw)
         sent = time.monotonic()
@@ -168,6 +168,26 @@ async def test_invalid_telemetry_excludes_the_rack(chain: Chain) -> None:
                 break
         assert abs(chain.recorder.ccl() - 2 * SIM_MAX_A) < 0.2
         assert time.monotonic() - sent < 2.0
+
+
+async def test_a_poisoning_payload_is_refused_and_the_genuine_agent_never_interrupted(chain: Chain) -> None:
+    """seq 2**63-1 stamped 4e9 with 1000 A limits: refused, the rack stays counted, nothing rises."""
+    before = await chain.settle()
+    watch_from = time.monotonic()
+    async with Publisher(chain.broker, chain.prefix) as rogue:
+        poison = telemetry(
+            site_id="site-e", rack_id="rack-02", seq=2**63 - 1, timestamp_s=4e9,
+            measurements=measurements(charge_current_limit_a=1000.0, discharge_current_limit_a=1000.0),
+        )
+        for _ in range(20):
+            rogue.session.publish(rogue.topics.rack_telemetry("rack-02"), encode(poison))
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(STALE_AFTER_MS / 1000.0 + 1.0)  # long enough for a locked-out rack to go stale
+    seen = chain.recorder.limits(watch_from)
+    assert seen
+    assert max(ccl for _, ccl, _, _ in seen) <= before + 0.2
+    assert min(ccl for _, ccl, _, _ in seen) >= before - 0.2  # rack-02 was never excluded
+    assert chain.recorder.ccl() == pytest.approx(before, abs=0.2)
 
 
 async def test_unknown_rack_is_never_counted(chain: Chain) -> None:
