@@ -66,7 +66,11 @@ class ThrottledLog:
     def info(self, kind: Hashable, msg: str, *args: object) -> bool:
         return self.log(logging.INFO, kind, msg, *args)
 
-    def log(self, level: int, kind: Hashable, msg: str, *args: object) -> bool:
+    def exception(self, kind: Hashable, msg: str, *args: object) -> bool:
+        """An ERROR with the traceback being handled, under the same limit."""
+        return self.log(logging.ERROR, kind, msg, *args, exc_info=True)
+
+    def log(self, level: int, kind: Hashable, msg: str, *args: object, exc_info: bool = False) -> bool:
         """Log unless this kind used its burst in the current window; True if the line was written."""
         if not self.logger.isEnabledFor(level):
             return False
@@ -83,7 +87,7 @@ class ThrottledLog:
             self.suppressed_total += 1
             return False
         window.emitted += 1
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)
         return True
 
     def _window(self, kind: Hashable, now: float) -> _Window:

@@ -46,6 +46,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from shared.config import MqttConfig
+from shared.logthrottle import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +254,7 @@ class MqttSession:
         self.config = config
         self.client_id = client_id
         self.stats = MqttStats()
+        self._throttled = ThrottledLog(log)  # a handler defect hit by every message: a sample, counted
         self.messages: asyncio.Queue[Message] = asyncio.Queue(maxsize=receive_queue_size)
         self.connected = asyncio.Event()
         self._on_connected = on_connected
@@ -462,7 +464,8 @@ class MqttSession:
         except Exception:
             # The handler's defect must not take the connection down with it (paho would re-raise).
             self.stats.handler_errors += 1
-            log.exception("mqtt %s: message handler failed on %s", self.client_id, topic)
+            self._throttled.exception("handler", "mqtt %s: message handler failed on %s", self.client_id,
+                                      topic)
             return False
         if act_now:
             self._act_now = True

@@ -68,6 +68,26 @@ async def test_messages_reach_the_handler_in_order_and_a_failing_handler_is_coun
         await sub.stop()
 
 
+async def test_a_handler_defect_hit_by_every_message_logs_a_sample_and_counts_all(
+    mqtt_broker: MosquittoBroker, unique_topic_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def handler(msg: Message) -> None:
+        raise RuntimeError("handler defect")
+
+    sub, pub = await _pair(mqtt_broker.port, unique_topic_prefix, handler)
+    try:
+        await asyncio.sleep(0.2)  # SUBACK
+        with caplog.at_level("ERROR", logger="shared.mqtt"):
+            for i in range(500):
+                pub.publish(f"{unique_topic_prefix}/x", str(i).encode())
+            await wait_until(lambda: sub.stats.handler_errors == 500, 5, "500 handler errors")
+        assert len([r for r in caplog.records if "message handler failed" in r.getMessage()]) <= 5
+        assert sub.is_connected
+    finally:
+        await pub.stop()
+        await sub.stop()
+
+
 async def test_connects_once_the_broker_is_up_and_comes_back_after_restarts(
     private_broker: MosquittoBroker, unique_topic_prefix: str
 ) -> None:
