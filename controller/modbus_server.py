@@ -15,34 +15,57 @@ Both model lengths are taken from pysunspec2's definitions (``model_points``), n
 
 Decisions (the issue left them open):
 
-* **Read-only.** The registers are pymodbus ``readonly``: FC5/6/15/16/23 are answered
-  ILLEGAL_ADDRESS (pymodbus's answer for a read-only register; an address outside the map gets the
-  same), FC22 (mask write, which reads first) ILLEGAL_FUNCTION; all are counted in
-  ``writes_refused``. Coil/discrete reads (FC1/FC2) of the register image are answered
-  ILLEGAL_FUNCTION (``functions_refused``). 802's writable control points (SocRsvMax/SoCRsvMin,
-  CtrlHb, AlmRst, SetOp, SetInvState) read as "not implemented", since nothing written to them
-  would be honoured, and LocRemCtl reads LOCAL (1) for the same reason.
-* **Before the first update()** every read of our unit answers DEVICE_BUSY (0x06, "retry later"),
-  counted in ``reads_busy``: an image of "not implemented" values would let a reader discover a
-  battery with no limits, which some EMS treat as zero limits and others as none.
+* **Our own small server, not pymodbus's.** pymodbus 3.16's public server API has no per-connection
+  idle timeout, no connection cap and no way to learn a peer's address or close one connection
+  (``trace_connect`` is told only connected/disconnected); adding them meant subclassing its
+  private request handler. This module serves Modbus TCP itself with a small ``asyncio`` protocol:
+  MBAP framing, FC3/FC4 reads of the register image, everything else refused by the rules below.
+  The rules are a pure function (:func:`answer`); the protocol class only frames, times and writes.
+* **Read-only.** Only FC3 and FC4 are implemented. Every other function code of a request
+  (1..127: writes FC5/6/15/16/22/23, coil and discrete reads FC1/FC2, diagnostics FC8, device
+  identification FC43, report server id FC17, ...) is answered ILLEGAL_FUNCTION (0x01), counted in
+  ``writes_refused`` (the write codes) or ``functions_refused`` (the rest). 802's writable control
+  points (SocRsvMax/SoCRsvMin, CtrlHb, AlmRst, SetOp, SetInvState) read as "not implemented", since
+  nothing written to them would be honoured, and LocRemCtl reads LOCAL (1) for the same reason.
+* **Framing** (Modbus Messaging on TCP/IP Implementation Guide V1.0b, MBAP header; Application
+  Protocol V1.1b3). A frame is trusted when its protocol id is 0 and its length field is 2..254 (unit
+  id plus a PDU of at most 253 bytes); TCP may deliver it in any number of pieces. A frame that
+  cannot be trusted closes the connection without an answer, because after it no one knows where
+  the next frame starts: a protocol id other than 0, a length outside 2..254, a length at odds with
+  the fixed size of an FC3/FC4 request (6), or a function code that is no request (0, or 0x80 and up,
+  where an exception's FC | 0x80 would be ambiguous); counted in ``malformed``, logged rate-limited.
+  Replies already owed to earlier frames of the same connection are sent first. A trusted request is
+  answered, exceptions always with the request's FC | 0x80: a quantity outside 1..125 is
+  ILLEGAL_DATA_VALUE (0x03), a range not wholly inside the map ILLEGAL_DATA_ADDRESS (0x02), both in
+  ``reads_invalid``; the connection stays open.
+* **Before the first update()** every valid read of our unit answers SERVER_DEVICE_BUSY (0x06,
+  "retry later"), counted in ``reads_busy``: an image of "not implemented" values would let a reader
+  discover a battery with no limits, which some EMS treat as zero limits and others as none.
 * **Allow-list.** A TCP connection whose peer address is not in ``allowed_clients`` is closed as
-  soon as it is accepted, before any byte is read, and counted in ``refused_clients``. The check
-  sits in the per-connection protocol's ``connection_made`` (the first point where pymodbus 3.16
-  knows the peer; ``trace_connect`` is not told the address). IPv4-mapped IPv6 peers
-  (``::ffff:a.b.c.d``, a dual-stack listener) are compared as IPv4. **An empty list refuses every
-  client** (fail closed, warned about at start); a malformed entry is a ``ValueError`` at
-  construction.
-* **Unit id.** Only ``device_id`` is served. Any other unit id gets GATEWAY_NO_RESPONSE (0x0B), what a
-  TCP gateway answers for an absent unit (counted in ``foreign_unit``); without the catch-all unit,
-  pymodbus would raise KeyError inside the request handler and log a traceback per request.
+  soon as it is accepted, before any byte is read, and counted in ``refused_clients``; it takes no
+  connection slot. IPv4-mapped IPv6 peers (``::ffff:a.b.c.d``, a dual-stack listener) are compared as
+  IPv4. **An empty list refuses every client** (fail closed, warned about at start); a malformed
+  entry is a ``ValueError`` at construction.
+* **Connection cap and idle timeout.** The server shares its event loop and file descriptors with
+  the control cycle that feeds the inverter, so no peer may hold them: at most ``max_connections``
+  allowed clients are served at once, and one more is closed as soon as it is accepted (counted in
+  ``over_limit``, logged rate-limited). A connection that completes no request for
+  ``idle_timeout_s`` is closed (``idle_timeouts``): bytes that never make a whole frame, and a peer
+  that stops taking its replies, do not count as activity. While a peer leaves its replies unread,
+  its requests are not read either (asyncio flow control), so neither buffer grows; one the server
+  closed but that still does not read is aborted after another ``idle_timeout_s``.
+* **Unit id.** Only ``device_id`` is served. Any other unit id gets GATEWAY_TARGET_NO_RESPONSE (0x0B),
+  what a TCP gateway answers for an absent unit, whatever the function (counted in ``foreign_unit``).
 * **No staleness timer.** The server runs on the control cycle's event loop: a stalled loop answers
   nothing at all (the reader times out), and ``Hb`` (incremented by every update) stops moving if the
   cycle stops calling update() while the loop runs. The service stops the server when the
   controller stops.
 
-Counters (``counters``): ``connections``, ``refused_clients``, ``reads``, ``reads_busy``,
-``writes_refused``, ``functions_refused``, ``foreign_unit``, ``saturated`` (a value clamped to its
-register's range, see :func:`battery_model`), ``updates``.
+Each request is counted once, under the first rule it breaks (order: :func:`answer`). Counters
+(``counters``): ``connections`` (admitted), ``refused_clients``, ``over_limit``, ``idle_timeouts``,
+``malformed``, ``reads``, ``reads_busy``, ``reads_invalid``, ``writes_refused``,
+``functions_refused``, ``foreign_unit``, ``saturated`` (a value clamped to its register's range, see
+:func:`battery_model`), ``updates``.
 """
 
 from __future__ import annotations
@@ -52,21 +75,18 @@ import contextlib
 import importlib.metadata
 import ipaddress
 import logging
+import struct
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from enum import IntEnum
 from functools import cache
 from typing import Any, Final
 
-from pymodbus.constants import ExcCodes
-from pymodbus.pdu import ModbusPDU
-from pymodbus.server import ModbusTcpServer
-from pymodbus.server.requesthandler import ServerRequestHandler
-from pymodbus.simulator import DataType, SimData, SimDevice
-
 from rack_agent.profiles.sunspec import END_MODEL_ID, SUNS_MARKER, model_points
 from shared.cluster import ClusterFlags, ConsolidatedState
 from shared.controller_config import ModbusServerConfig
+from shared.logthrottle import ThrottledLog
 from shared.models import ProtectionFlags
 
 log = logging.getLogger(__name__)
@@ -423,6 +443,81 @@ def image_length() -> int:
     return len(SUNS_MARKER) + model_length(COMMON_MODEL_ID) + model_length(BATTERY_MODEL_ID) + 2 * 2 + 2
 
 
+# -- requests and answers (pure) ------------------------------------------------------------------
+# Modbus Messaging on TCP/IP Implementation Guide V1.0b §3.1.3 (MBAP header) and Modbus Application
+# Protocol V1.1b3 §4.1 (PDU at most 253 bytes), §6.3/§6.4 (FC3/FC4), §7 (exception responses).
+MBAP_HEADER_BYTES: Final = 7  # transaction id (2), protocol id (2), length (2), unit id (1)
+MODBUS_PROTOCOL_ID: Final = 0
+MBAP_MIN_LENGTH: Final = 2  # the length counts the unit id and the PDU, which has a function code at least
+MBAP_MAX_LENGTH: Final = 254  # unit id + the largest PDU (253 bytes)
+READ_REQUEST_PDU_BYTES: Final = 5  # function code, starting address, quantity
+MAX_READ_REGISTERS: Final = 125  # FC3/FC4 quantity 1..0x007D
+EXCEPTION_FLAG: Final = 0x80  # an exception response carries the request's function code | 0x80
+_MBAP: Final = struct.Struct(">HHHB")
+_READ_REQUEST: Final = struct.Struct(">BHH")
+
+
+class ExceptionCode(IntEnum):
+    """The Modbus exception codes this server answers with."""
+
+    ILLEGAL_FUNCTION = 0x01
+    ILLEGAL_DATA_ADDRESS = 0x02
+    ILLEGAL_DATA_VALUE = 0x03
+    SERVER_DEVICE_BUSY = 0x06
+    GATEWAY_TARGET_NO_RESPONSE = 0x0B
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What to do with one well-framed request: send ``pdu``, or close the connection if it is None.
+
+    ``outcome`` is the counter the request is counted under; ``reason`` says why a frame was
+    untrusted (for the log).
+    """
+
+    pdu: bytes | None
+    outcome: str
+    reason: str = ""
+
+
+def _refuse(function_code: int, code: ExceptionCode, outcome: str) -> Answer:
+    return Answer(bytes((function_code | EXCEPTION_FLAG, code)), outcome)
+
+
+def answer(unit: int, pdu: bytes, *, device_id: int, image: Sequence[int] | None, map_length: int) -> Answer:
+    """The answer to the request ``pdu`` (non-empty) for ``unit``, from ``image`` (None: no update yet).
+
+    Each request is counted once, under the first rule it breaks, in this order: a frame whose
+    length does not fit its function, or whose function code is no request (0, or ≥ 0x80, where
+    FC | 0x80 would be ambiguous), is untrusted (``malformed``: close); another unit,
+    GATEWAY_TARGET_NO_RESPONSE (``foreign_unit``); any function but FC3/FC4, ILLEGAL_FUNCTION
+    (``writes_refused`` or ``functions_refused``); a quantity outside 1..125, ILLEGAL_DATA_VALUE, and
+    a range not wholly inside the map, ILLEGAL_DATA_ADDRESS (``reads_invalid``); no image yet,
+    SERVER_DEVICE_BUSY (``reads_busy``); else the registers (``reads``).
+    """
+    function_code = pdu[0]
+    if not 0 < function_code < EXCEPTION_FLAG:
+        return Answer(None, "malformed", f"function code 0x{function_code:02X} is not a request")
+    if function_code in READ_FUNCTION_CODES and len(pdu) != READ_REQUEST_PDU_BYTES:
+        # The MBAP length disagrees with the request FC3/FC4 define: which one lies is unknown, so
+        # where the next frame starts is unknown too; answering would answer bytes out of frame.
+        return Answer(None, "malformed", f"MBAP length {len(pdu) + 1} for FC{function_code} (must be 6)")
+    if unit != device_id:
+        return _refuse(function_code, ExceptionCode.GATEWAY_TARGET_NO_RESPONSE, "foreign_unit")
+    if function_code not in READ_FUNCTION_CODES:
+        outcome = "writes_refused" if function_code in WRITE_FUNCTION_CODES else "functions_refused"
+        return _refuse(function_code, ExceptionCode.ILLEGAL_FUNCTION, outcome)
+    _, address, count = _READ_REQUEST.unpack(pdu)
+    if not 1 <= count <= MAX_READ_REGISTERS:
+        return _refuse(function_code, ExceptionCode.ILLEGAL_DATA_VALUE, "reads_invalid")
+    first = address - SUNSPEC_BASE_ADDRESS
+    if first < 0 or first + count > map_length:
+        return _refuse(function_code, ExceptionCode.ILLEGAL_DATA_ADDRESS, "reads_invalid")
+    if image is None:
+        return _refuse(function_code, ExceptionCode.SERVER_DEVICE_BUSY, "reads_busy")
+    return Answer(struct.pack(f">BB{count}H", function_code, 2 * count, *image[first:first + count]), "reads")
+
+
 # -- the server (I/O shell) -----------------------------------------------------------------------
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -447,34 +542,131 @@ def parse_allow_list(entries: tuple[str, ...]) -> frozenset[IPAddress]:
     return frozenset(parsed)
 
 
-PeerCheck = Callable[[Any], bool]
+class _Connection(asyncio.Protocol):
+    """One client: MBAP framing, the idle deadline and back-pressure; the server decides the rest."""
 
+    def __init__(self, server: ConsolidatedModbusServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._peer = "?"
+        self._last_request_s = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._writing_paused = False
 
-class _GuardedRequestHandler(ServerRequestHandler):
-    """pymodbus's per-connection handler, closing the connection at once if the peer is refused."""
-
-    def __init__(self, owner: _GuardedTcpServer, admit: PeerCheck) -> None:
-        super().__init__(owner, owner.trace_packet, owner.trace_pdu, owner.trace_connect)  # type: ignore[no-untyped-call]
-        self._admit = admit
-
+    # -- asyncio.Protocol ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._admit(transport.get_extra_info("peername")):
-            super().connection_made(transport)
+        assert isinstance(transport, asyncio.Transport)  # create_server makes stream transports
+        self._transport = transport
+        peername = transport.get_extra_info("peername")
+        self._peer = str(peername[0]) if isinstance(peername, tuple) and peername else str(peername)
+        if not self._server._admit(self, peername):
+            transport.close()  # nothing was written and nothing read: the peer sees the close at once
             return
-        transport.close()  # nothing was written yet, so this closes at once
-        # Never connected from pymodbus's point of view: close() only drops the handler from the
-        # listener's table (its connection_lost then sees is_closing and does nothing).
-        self.close()
+        self._last_request_s = self._now()
+        self._arm(self._server.config.idle_timeout_s)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._buffer.clear()
+        self._server._release(self)
 
-class _GuardedTcpServer(ModbusTcpServer):
-    def __init__(self, devices: list[SimDevice], *, address: tuple[str, int], admit: PeerCheck,
-                 trace_pdu: Callable[[bool, ModbusPDU], ModbusPDU]) -> None:
-        super().__init__(devices, address=address, trace_pdu=trace_pdu)
-        self._admit = admit
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._process()
 
-    def callback_new_connection(self) -> _GuardedRequestHandler:
-        return _GuardedRequestHandler(self, self._admit)
+    def eof_received(self) -> bool:
+        return False  # the peer is done sending: close once the replies already queued are written
+
+    def pause_writing(self) -> None:
+        # The peer does not take its replies: stop reading its requests until it does, so neither
+        # our write buffer nor the request buffer grows. The idle deadline still runs (only a
+        # request processed counts as activity), so a peer that never reads is closed in the end.
+        self._writing_paused = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+            self._process()
+
+    # -- ours -------------------------------------------------------------------------------------
+    def abort(self) -> None:
+        """Close at once, dropping anything not yet written (the server stops)."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _process(self) -> None:
+        """Answer every whole frame in the buffer, in order, until the peer stops taking replies."""
+        transport, buffer = self._transport, self._buffer
+        if transport is None or transport.is_closing():
+            buffer.clear()
+            return
+        used = 0
+        try:
+            while not self._writing_paused and len(buffer) - used >= MBAP_HEADER_BYTES:
+                transaction_id, protocol_id, length, unit = _MBAP.unpack_from(buffer, used)
+                if protocol_id != MODBUS_PROTOCOL_ID:
+                    self._untrusted(f"protocol id {protocol_id} (Modbus is 0)")
+                    return
+                if not MBAP_MIN_LENGTH <= length <= MBAP_MAX_LENGTH:
+                    self._untrusted(f"MBAP length {length} (must be {MBAP_MIN_LENGTH}..{MBAP_MAX_LENGTH})")
+                    return
+                end = used + MBAP_HEADER_BYTES - 1 + length
+                if len(buffer) < end:
+                    break  # a torn frame: the rest comes in a later segment
+                request = bytes(buffer[used + MBAP_HEADER_BYTES:end])
+                used = end
+                self._last_request_s = self._now()
+                reply = self._server._answer(unit, request)
+                if reply.pdu is None:
+                    self._untrusted(reply.reason)
+                    return
+                transport.write(_MBAP.pack(transaction_id, MODBUS_PROTOCOL_ID, len(reply.pdu) + 1, unit)
+                                + reply.pdu)
+        finally:
+            del buffer[:used]  # once per segment, not per frame: a pipelined burst stays linear
+
+    def _untrusted(self, reason: str) -> None:
+        """Implementation Guide: an MBAP header that cannot be trusted ends the connection."""
+        self._server._untrusted(self._peer, reason)
+        self._buffer.clear()
+        self._close()
+
+    def _close(self) -> None:
+        if self._transport is None:
+            return
+        self._transport.close()  # replies already queued go first ...
+        if self._timer is not None:  # ... unless the peer will not take them: abort after the timeout
+            self._timer.cancel()
+        self._arm(self._server.config.idle_timeout_s)
+
+    def _arm(self, delay_s: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(delay_s, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        transport = self._transport
+        if transport is None:
+            return
+        if transport.is_closing():  # closed by us, and the peer still has not taken our replies
+            transport.abort()
+            return
+        timeout_s = self._server.config.idle_timeout_s
+        idle_s = self._now() - self._last_request_s
+        if idle_s < timeout_s:
+            self._arm(timeout_s - idle_s)  # one timer per connection, moved on lazily, not per request
+            return
+        self._server._idle(self._peer, idle_s)
+        self._close()
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
 
 
 class ConsolidatedModbusServer:
@@ -482,7 +674,8 @@ class ConsolidatedModbusServer:
 
     ``update()`` is synchronous and cheap (it builds one register image); reads copy from the latest
     image, so every answer comes from one cycle's state. See the module docstring for the map and
-    the decisions (read-only, DEVICE_BUSY before the first update, allow-list, unit id).
+    the decisions (read-only, DEVICE_BUSY before the first update, allow-list, connection limits,
+    framing, unit id).
     """
 
     def __init__(self, config: ModbusServerConfig) -> None:
@@ -490,11 +683,14 @@ class ConsolidatedModbusServer:
         self.counters: Counter[str] = Counter()
         self._allowed = parse_allow_list(config.allowed_clients)
         self._image: list[int] | None = None
+        self._map_length = image_length()
         self._heartbeat = 0
         self._common: tuple[str, list[int]] | None = None
-        self._server: _GuardedTcpServer | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: set[_Connection] = set()
         self._warned_peers: set[str] = set()
         self._warned_saturation: set[str] = set()
+        self._throttled = ThrottledLog(log)
 
     @property
     def running(self) -> bool:
@@ -505,6 +701,11 @@ class ConsolidatedModbusServer:
         """The 802 ``Hb`` value of the latest image (0 before the first update)."""
         return self._heartbeat
 
+    @property
+    def open_connections(self) -> int:
+        """Admitted connections not yet closed (at most ``config.max_connections``)."""
+        return len(self._connections)
+
     async def start(self) -> None:
         """Listen on ``config.host:config.port``; :class:`ModbusServerError` if that fails."""
         if self._server is not None:
@@ -512,19 +713,15 @@ class ConsolidatedModbusServer:
         address = f"{self.config.host}:{self.config.port}"
         if not self._allowed:
             log.warning("modbus server %s: allowed_clients is empty: every connection is refused", address)
-        server = _GuardedTcpServer(
-            self._devices(), address=(self.config.host, self.config.port), admit=self._admit,
-            trace_pdu=self._trace_pdu,
-        )
+        loop = asyncio.get_running_loop()
         try:
-            await server.serve_forever(background=True)
-        except (RuntimeError, OSError) as exc:
-            await server.shutdown()  # type: ignore[no-untyped-call]
-            # pymodbus logs the OSError itself and raises a generic RuntimeError.
+            self._server = await loop.create_server(lambda: _Connection(self), self.config.host,
+                                                    self.config.port)
+        except OSError as exc:
             raise ModbusServerError(address, f"{exc} (address in use, or not local to this host?)") from exc
-        self._server = server
-        log.info("modbus server: SunSpec 802 on %s unit %d, read-only, clients %s",
-                 address, self.config.device_id, sorted(map(str, self._allowed)))
+        log.info("modbus server: SunSpec 802 on %s unit %d, read-only, clients %s, at most %d connections, "
+                 "idle timeout %.1f s", address, self.config.device_id, sorted(map(str, self._allowed)),
+                 self.config.max_connections, self.config.idle_timeout_s)
 
     def update(self, state: ConsolidatedState) -> None:
         """Publish ``state``: the next read answers from it, and ``Hb`` moves on by one."""
@@ -544,90 +741,63 @@ class ConsolidatedModbusServer:
         server, self._server = self._server, None
         if server is None:
             return
-        listener = server.transport
-        await server.shutdown()  # type: ignore[no-untyped-call]
-        if isinstance(listener, asyncio.AbstractServer):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(listener.wait_closed(), STOP_DEADLINE_S)
-        # Let the transports' close callbacks and any request already decoded run to their end.
+        server.close()
+        for connection in list(self._connections):
+            connection.abort()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), STOP_DEADLINE_S)
+        # Let the transports' connection_lost callbacks run.
         for _ in range(3):
             await asyncio.sleep(0)
 
-    # -- pymodbus hooks ---------------------------------------------------------------------------
     def _common_model(self, serial_number: str) -> list[int]:
         if self._common is None or self._common[0] != serial_number:
             self._common = (serial_number, common_model(self.config.device_id, serial_number))
         return self._common[1]
 
-    def _devices(self) -> list[SimDevice]:
-        def layout() -> SimData:
-            # readonly: pymodbus refuses every write (ILLEGAL_ADDRESS) before our hook is asked.
-            return SimData(SUNSPEC_BASE_ADDRESS, values=[0] * image_length(), datatype=DataType.REGISTERS,
-                           readonly=True)
+    # -- what the connections ask of the server ---------------------------------------------------
+    def _answer(self, unit: int, request: bytes) -> Answer:
+        reply = answer(unit, request, device_id=self.config.device_id, image=self._image,
+                       map_length=self._map_length)
+        if reply.pdu is not None:  # an untrusted frame is counted where the connection is closed
+            self.counters[reply.outcome] += 1
+        return reply
 
-        # id 0 is pymodbus's catch-all for every unit not listed.
-        return [
-            SimDevice(id=self.config.device_id, simdata=layout(), action=self._serve),
-            SimDevice(id=0, simdata=layout(), action=self._foreign_unit),
-        ]
-
-    async def _serve(  # noqa: PLR0917 - the signature pymodbus's SimAction calls
-        self,
-        function_code: int,
-        start_address: int,
-        address: int,
-        count: int,
-        registers: list[int],
-        set_values: list[int] | list[bool] | None,
-    ) -> ExcCodes | None:
-        """SimDevice hook for our unit: copy the requested range from the latest image."""
-        if function_code not in READ_FUNCTION_CODES:
-            if function_code not in WRITE_FUNCTION_CODES:  # writes are counted in _trace_pdu
-                self.counters["functions_refused"] += 1
-            return ExcCodes.ILLEGAL_FUNCTION
-        image = self._image
-        if image is None:
-            self.counters["reads_busy"] += 1
-            return ExcCodes.DEVICE_BUSY
-        first = address - SUNSPEC_BASE_ADDRESS
-        offset = address - start_address
-        registers[offset:offset + count] = image[first:first + count]
-        self.counters["reads"] += 1
-        return None
-
-    async def _foreign_unit(  # noqa: PLR0917 - the signature pymodbus's SimAction calls
-        self,
-        function_code: int,
-        start_address: int,
-        address: int,
-        count: int,
-        registers: list[int],
-        set_values: list[int] | list[bool] | None,
-    ) -> ExcCodes | None:
-        self.counters["foreign_unit"] += 1
-        return ExcCodes.GATEWAY_NO_RESPONSE
-
-    def _trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
-        """Counts write requests: pymodbus refuses them before any hook of ours sees them."""
-        if not sending and pdu.function_code in WRITE_FUNCTION_CODES:
-            self.counters["writes_refused"] += 1
-        return pdu
-
-    def _admit(self, peername: Any) -> bool:
+    def _admit(self, connection: _Connection, peername: Any) -> bool:
+        """Allow-list first (a refused peer takes no slot), then the cap."""
         host = peername[0] if isinstance(peername, tuple) and peername else None
         try:
             peer = _normalise(ipaddress.ip_address(host)) if isinstance(host, str) else None
         except ValueError:
             peer = None
-        if peer is not None and peer in self._allowed:
-            self.counters["connections"] += 1
-            return True
+        if peer is None or peer not in self._allowed:
+            self._refused(str(peer if peer is not None else peername))
+            return False
+        if len(self._connections) >= self.config.max_connections:
+            self.counters["over_limit"] += 1
+            self._throttled.warning("over_limit", "modbus server: closed a connection from %s: "
+                                    "modbus_server.max_connections (%d) are open", peer,
+                                    self.config.max_connections)
+            return False
+        self._connections.add(connection)
+        self.counters["connections"] += 1
+        return True
+
+    def _release(self, connection: _Connection) -> None:
+        self._connections.discard(connection)
+
+    def _refused(self, shown: str) -> None:
         self.counters["refused_clients"] += 1
-        shown = str(peer if peer is not None else peername)
         if shown not in self._warned_peers and len(self._warned_peers) < REFUSED_LOG_MEMORY:
             self._warned_peers.add(shown)
             log.warning("modbus server: refused %s (not in modbus_server.allowed_clients)", shown)
         else:
             log.debug("modbus server: refused %s", shown)
-        return False
 
+    def _untrusted(self, peer: str, reason: str) -> None:
+        self.counters["malformed"] += 1
+        self._throttled.warning("malformed", "modbus server: closed the connection from %s: %s", peer, reason)
+
+    def _idle(self, peer: str, idle_s: float) -> None:
+        self.counters["idle_timeouts"] += 1
+        log.debug("modbus server: closed the connection from %s: no request for %.1f s", peer, idle_s)

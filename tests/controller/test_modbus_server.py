@@ -1,4 +1,4 @@
-"""ConsolidatedModbusServer: a real pymodbus server on 127.0.0.1, read by pymodbus and by pysunspec2."""
+"""ConsolidatedModbusServer: the real server on 127.0.0.1, read by pymodbus and by pysunspec2."""
 
 from __future__ import annotations
 
@@ -340,9 +340,12 @@ def test_allow_list_entries_are_ip_addresses() -> None:
     # Parsing only (no traffic): loopback literals, as everywhere in the tests.
     assert {str(a) for a in parse_allow_list((" 127.0.0.5", "::ffff:127.0.0.6", "::1"))} == {
         "127.0.0.5", "127.0.0.6", "::1"}  # IPv4-mapped IPv6 is compared as IPv4
+    bad = ("127.0.0.1", "ems.local", "127.0.0.0/8")
     with pytest.raises(ValueError, match=r"ems\.local.*127\.0\.0\.0/8"):
-        ConsolidatedModbusServer(
-            ModbusServerConfig(allowed_clients=("127.0.0.1", "ems.local", "127.0.0.0/8")))
+        parse_allow_list(bad)
+    # The config model refuses them first (one error per entry, so over several lines).
+    with pytest.raises(ValueError, match=r"(?s)ems\.local.*127\.0\.0\.0/8"):
+        ConsolidatedModbusServer(ModbusServerConfig(allowed_clients=bad))
 
 
 # -- lifecycle ------------------------------------------------------------------------------------
