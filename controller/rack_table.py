@@ -175,11 +175,11 @@ class RackTable:
             # A duplicate or reordered message of the same run.
             self.counters["out_of_order"] += 1
             return "out of order"
-        allowed = SEQ_SLACK + MAX_SEQ_RATE_HZ * max(0.0, now_s - current.received_s)
-        if telemetry.seq - old.seq > allowed:
+        since_s = max(0.0, now_s - (now_s if current.received_s is None else current.received_s))
+        if telemetry.seq - old.seq > SEQ_SLACK + MAX_SEQ_RATE_HZ * since_s:
             self.counters["seq_jump"] += 1
             self._log.warning(("seq_jump", current.rack_id), "rack %s: seq jumps from %d to %d in %.1f s; "
-                              "refused", current.rack_id, old.seq, telemetry.seq, now_s - current.received_s)
+                              "refused", current.rack_id, old.seq, telemetry.seq, since_s)
             return "sequence jump"
         return None
 
