@@ -5,24 +5,27 @@ core, encode, send. The inverter frame set is sent *from the cycle itself*
 every heartbeat period (a fire-and-forget periodic CAN task would keep sending
 a stale permission if this loop stalled), and at once when a message may lower
 a limit or raise an alarm: the message handler only sets an event, the cycle
-runs within milliseconds.
+runs within milliseconds. Heartbeats keep absolute deadlines
+(:class:`HeartbeatSchedule`): neither a late send nor an urgent set in between
+moves the next one, so a 1 s period gives 600 sets in 600 s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import can
 from cantools.database.errors import DecodeError as CanDecodeError
 
 from controller.can_port import CanPort
 from controller.core.engine import CoreMemory, Prepared, prepare, step
-from controller.failover import PeerBeat, Role, RoleMachine, WireRole
+from controller.failover import ForeignTransmitterWatch, PeerBeat, Role, RoleMachine, WireRole
 from controller.frames import FrameEncoder
 from controller.metrics import ControllerMetrics
 from controller.modbus_server import ConsolidatedModbusServer
@@ -32,6 +35,7 @@ from shared.cluster import ConsolidatedState, ControllerStatus, LeaderRecord, Ra
 from shared.codec import DecodeError, Decoder, encode
 from shared.controller_config import ControllerConfig, Dialect
 from shared.dbc import load_dbc, numeric_signals
+from shared.logthrottle import ThrottledLog
 from shared.mqtt import Message, MqttSession, Will
 from shared.topics import STATUS_OFFLINE, Topics
 
@@ -48,6 +52,9 @@ STATUS_PUBLISH_S = 1.0
 # must not turn the monitoring copy into the controller's main load (the CAN frames go first anyway).
 STATE_PUBLISH_MIN_GAP_S = 0.1
 ID_LIMITS = 0x351
+# The foreign-transmitter alarm stays raised this long after the foreign node's last frame, so that a
+# short burst is still in the published state and status when an installer looks.
+FOREIGN_HOLD_S = 10.0
 
 
 @dataclass(slots=True)
@@ -61,10 +68,57 @@ class ControllerStats:
     failsafe_errors: int = 0  # cycles whose fail-safe set could not be made or sent either
     sends_refused: int = 0  # frames the role machine did not let out (standby, fenced)
     heartbeats_sent: int = 0
+    heartbeats_skipped: int = 0  # heartbeat deadlines passed over because a set was more than a period late
+    resumed_sets: int = 0  # sets sent at once because the CAN bus was (re)opened
     # Routine payloads' racks computed ahead of their full cycle (controller.preparer), and how
     # many of those the cycle took as they were.
     racks_prepared: int = 0
     racks_prepared_taken: int = 0
+
+
+@dataclass
+class HeartbeatSchedule:
+    """Absolute deadlines of the heartbeat set: ``anchor_s + k × period_s``.
+
+    A set sent late (a busy loop, the SMA inhibit) does not move the next deadline; one more than a
+    period late skips the deadlines already past (counted in ``skipped``) instead of sending a burst
+    of catch-up sets. Urgent sets in between are none of its business. :meth:`restart` anchors a new
+    schedule (at start, and when this node becomes the active).
+    """
+
+    period_s: float
+    anchor_s: float = 0.0
+    index: int = 0
+    skipped: int = 0
+    _next_s: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.period_s <= 0:
+            raise ValueError("period_s must be positive")
+        self._next_s = self.anchor_s
+
+    @property
+    def next_s(self) -> float:
+        """The deadline of the next heartbeat (past while one is due)."""
+        return self._next_s
+
+    def due(self, now_s: float) -> bool:
+        return now_s >= self._next_s
+
+    def restart(self, now_s: float) -> None:
+        self.anchor_s, self.index = now_s, 0
+        self._next_s = now_s
+
+    def sent(self, now_s: float) -> None:
+        """The heartbeat of the current deadline went out (or was refused) at ``now_s``."""
+        self.index += 1
+        deadline = self.anchor_s + self.index * self.period_s
+        if deadline <= now_s:
+            missed = math.floor((now_s - deadline) / self.period_s) + 1
+            self.skipped += missed
+            self.index += missed
+            deadline = self.anchor_s + self.index * self.period_s
+        self._next_s = deadline
 
 
 def fail_safe(
@@ -137,13 +191,20 @@ class ControllerService:
         self.encoder = FrameEncoder(config.can, module_count=len(config.roster))
         failover = config.failover
         self.can = CanPort(
-            config.can, on_frame=self._on_can_frame,
+            config.can, on_frame=self._on_can_frame, on_reopened=self._on_can_reopened,
             failures_before_fault=failover.send_failures_before_fence if failover.enabled else None,
         )
         if not failover.heartbeat_enabled:
             # Without our heartbeat the limits frames are the only sign of an active: time by them.
             failover = failover.model_copy(update={"heartbeat_period_ms": config.can.period_ms})
         self.roles: RoleMachine | None = RoleMachine(failover, monotonic()) if failover.enabled else None
+        # A limits frame is foreign when no bmslink heartbeat claims it within the silence window;
+        # where no heartbeat can come (single controller, heartbeats off) at once.
+        claimable = failover.enabled and failover.heartbeat_enabled
+        self.foreign = ForeignTransmitterWatch(grace_s=failover.silence_s if claimable else 0.0,
+                                               hold_s=FOREIGN_HOLD_S)
+        self._foreign_raised = False
+        self._throttled = ThrottledLog(log)
         self._beat_msg = load_dbc("bmslink").get_message_by_name("Controller_Heartbeat")
         self._last_pulse = monotonic()
         self._next_beat = 0.0
@@ -153,7 +214,9 @@ class ControllerService:
         self.state: ConsolidatedState | None = None
         self.last_sent: ConsolidatedState | None = None
         self._last_sent_at = -1e9
-        self._next_heartbeat = 0.0
+        self.heartbeat = HeartbeatSchedule(config.can.period_ms / 1000.0)
+        self._heartbeat_hold_until = -1e9  # a fail-safe set that failed is retried at the tick, not at once
+        self._resume_pending = False  # the bus was (re)opened: send the set at once
         self._last_full_cycle = -1e9
         self._last_cycle_failed = False
         self._last_state_publish = -1e9
@@ -222,7 +285,7 @@ class ControllerService:
                 # Run it here, before the rest of the read batch: waking the control task instead
                 # cost a loop turn and a task switch (~0.1 ms in the running controller) on the
                 # path of every lowering.
-                self._run_cycle()
+                self.run_due_cycle()
                 return False
             self._urgent.set()
             return True
@@ -252,12 +315,13 @@ class ControllerService:
     # -- CAN side (frames from others) -------------------------------------------------------
 
     def _on_can_frame(self, msg: can.Message, now_s: float) -> None:
-        if self.roles is None:
-            if msg.arbitration_id == ID_LIMITS:
-                self.can.counters["foreign_limits_frames"] += 1
-            return
+        if msg.is_extended_id:
+            return  # the inverter protocol and our heartbeat use 11-bit IDs only
         failover = self.config.failover
-        if msg.arbitration_id == failover.heartbeat_id and not msg.is_extended_id:
+        if msg.arbitration_id == ID_LIMITS:
+            self._on_limits_frame(now_s)
+        elif (self.roles is not None and failover.heartbeat_enabled
+              and msg.arbitration_id == failover.heartbeat_id):
             try:
                 v = numeric_signals(self._beat_msg.decode(bytes(msg.data), decode_choices=False))
                 beat = PeerBeat(
@@ -271,10 +335,56 @@ class ControllerService:
             before = self.roles.role
             self.roles.on_beat(beat, now_s)
             self._after_role_input(before)
-        elif msg.arbitration_id == ID_LIMITS:
-            before = self.roles.role
-            self.roles.on_foreign_inverter_frame(now_s)
+            if beat.role is not WireRole.STANDBY and beat.node_number != failover.node_number:
+                self.foreign.claimed()
+
+    def _on_limits_frame(self, now_s: float) -> None:
+        """A limits frame we did not send (our own are not received back): whose is it?
+
+        With heartbeats on, a frame that an active bmslink heartbeat accounts for is that controller's
+        (the role machine's claim rules settle two actives); any other is a foreign transmitter's,
+        and this controller holds: an alarm, not a reason to stop (docs/failover.md). With heartbeats
+        off the frames are the only sign of another active: an active yields, and the alarm says
+        that two transmitters were heard.
+        """
+        roles = self.roles
+        if roles is None:
+            self._unattributed_limits_frame(now_s)
+        elif not self.config.failover.heartbeat_enabled:
+            before = roles.role
+            roles.on_foreign_inverter_frame(now_s)
             self._after_role_input(before)
+            if before is Role.ACTIVE:
+                self._unattributed_limits_frame(now_s)
+        elif not roles.peer_active_live(now_s):
+            self._unattributed_limits_frame(now_s)
+
+    def _unattributed_limits_frame(self, now_s: float) -> None:
+        self.can.counters["foreign_limits_frames"] += 1
+        self.foreign.unattributed(now_s)
+        self._check_foreign(now_s)
+
+    def _check_foreign(self, now_s: float) -> bool:
+        """Confirm and expire the foreign-transmitter alarm; log and publish its changes. Returns it."""
+        if self.foreign.update(now_s):
+            self._throttled.error(
+                "foreign_transmitter",
+                "foreign transmitter: limits frames (0x%03X) on the inverter bus from a node that is not "
+                "a bmslink controller (%d so far); the inverter hears conflicting limits. %s",
+                ID_LIMITS, self.foreign.frames, self._foreign_policy(),
+            )
+        raised = self.foreign.raised(now_s)
+        if raised is not self._foreign_raised:
+            self._foreign_raised = raised
+            if not raised:
+                log.warning("foreign transmitter: none heard for %g s; alarm cleared", FOREIGN_HOLD_S)
+            self._publish_status(now_s)
+        return raised
+
+    def _foreign_policy(self) -> str:
+        if self.roles is not None and not self.config.failover.heartbeat_enabled:
+            return "Heartbeats are off, so it cannot be told from another controller: yielding to it."
+        return "This controller keeps sending its limits; find and disconnect the other transmitter."
 
     def _after_role_input(self, before: Role) -> None:
         assert self.roles is not None
@@ -303,14 +413,16 @@ class ControllerService:
             self._last_full_cycle = now
             self._count_prepared(prepared)
             self.preparer.consumed()
+        if self._check_foreign(now):
+            state = state.model_copy(update={"cluster": state.cluster.model_copy(
+                update={"foreign_transmitter": True})})
         self.state = state
         self.stats.cycles += 1
         if self.modbus is not None:
             self.modbus.update(state)
-        urgent = must_send_now(self.last_sent, state)
+        urgent = self._resume_pending or must_send_now(self.last_sent, state)
         if heartbeat_due or urgent:
-            inhibit = SMA_INHIBIT_S if self.config.can.dialect is Dialect.SMA else 0.0
-            if now - self._last_sent_at >= inhibit:
+            if now - self._last_sent_at >= self._inhibit_s:
                 self._send(state, urgent=urgent and not heartbeat_due)
         elif self._state_publish_pending:
             self._publish_state_if_due(now)
@@ -338,27 +450,54 @@ class ControllerService:
             self._role_changed()
         return self.roles.may_transmit
 
+    @property
+    def _inhibit_s(self) -> float:
+        return SMA_INHIBIT_S if self.config.can.dialect is Dialect.SMA else 0.0
+
     def _send(self, state: ConsolidatedState, *, urgent: bool) -> None:
+        """Send ``state``: a heartbeat (its deadline is done) or, ``urgent``, a set in between."""
         if not self.may_transmit():
-            # Not ours to send (standby, fenced): keep the cadence, so the loop waits instead of spinning.
+            # Not ours to send (standby, fenced): the deadline is done all the same, so the loop waits
+            # for the next one instead of spinning.
             self.stats.sends_refused += 1
-            self._next_heartbeat = self._monotonic() + self.config.can.period_ms / 1000.0
+            if not urgent:
+                self._heartbeat_done(self._monotonic())
+            self._resume_pending = False
             return
         now = self._monotonic()
+        resumed = self._resume_pending
+        self._resume_pending = False
         if self.can.send_all(self.encoder.frames(state)):
             self.stats.sets_sent += 1
             if urgent:
                 self.stats.urgent_sets += 1
             else:
                 self.stats.heartbeat_sets += 1
+            if resumed:
+                self.stats.resumed_sets += 1
         # Whether or not the bus took it, this is what we tried to say; the heartbeat retries.
         self.last_sent = state
         self._last_sent_at = now
-        self._next_heartbeat = now + self.config.can.period_ms / 1000.0
+        if not urgent:
+            self._heartbeat_done(now)
         if self.roles is not None and self.roles.role is Role.ACTIVE and now >= self._next_beat:
             self._beat(now)  # the set and the heartbeat go out together: a recorder can attribute them
         self._state_publish_pending |= urgent
         self._publish_state_if_due(now)
+
+    def _heartbeat_done(self, now: float) -> None:
+        before = self.heartbeat.skipped
+        self.heartbeat.sent(now)
+        skipped = self.heartbeat.skipped - before
+        if skipped:
+            self.stats.heartbeats_skipped += skipped
+            self._throttled.warning("heartbeat_skipped", "heartbeat set more than a period late: "
+                                    "%d deadline(s) skipped", skipped)
+
+    def _on_can_reopened(self) -> None:
+        """The CAN port has a bus again after losing it: the inverter has waited; send at once."""
+        self._resume_pending = True
+        self._urgent.set()
 
     def _publish_state_if_due(self, now: float) -> None:
         """The last set sent, on the cluster topic: every publish period, and soon after an urgent set."""
@@ -373,30 +512,35 @@ class ControllerService:
         self._state_publish_pending = False
         self.mqtt.publish(self.topics.cluster_state, encode(state), qos=0, expiry_s=5)
 
+    def _heartbeat_wake_s(self) -> float:
+        """When the next heartbeat can go: its deadline, unless the SMA inhibit or a failed fail-safe
+        set holds it back (waking earlier would only spin)."""
+        return max(self.heartbeat.next_s, self._last_sent_at + self._inhibit_s, self._heartbeat_hold_until)
+
     async def _control(self) -> None:
-        self._next_heartbeat = self._monotonic()
+        self.heartbeat.restart(self._monotonic())
         self._controlling = True
         try:
             while True:
                 now = self._monotonic()
-                next_full = min(self._last_full_cycle + CONTROL_TICK_S, self._next_heartbeat)
+                next_full = min(self._last_full_cycle + CONTROL_TICK_S, self._heartbeat_wake_s())
                 try:
                     async with asyncio.timeout(max(0.0, next_full - now)):
                         await self._urgent.wait()
                 except TimeoutError:
                     pass
                 self._urgent.clear()
-                self._run_cycle()
+                self.run_due_cycle()
         finally:
             self._controlling = False
 
-    def _run_cycle(self) -> None:
+    def run_due_cycle(self) -> None:
         """The cycle that is due now: full at a tick or heartbeat, else urgent (inputs only).
 
         Never raises: it runs in the control loop and in the MQTT message handler alike.
         """
         now = self._monotonic()
-        heartbeat_due = now >= self._next_heartbeat
+        heartbeat_due = self.heartbeat.due(now) and now >= self._heartbeat_hold_until
         full = heartbeat_due or now >= self._last_full_cycle + CONTROL_TICK_S
         try:
             self.cycle(heartbeat_due=heartbeat_due, full=full)
@@ -407,16 +551,18 @@ class ControllerService:
             self._last_full_cycle = now  # retried at the tick, not in a busy loop
             log.exception("control cycle failed; sending zero current with the alarm set")
             if heartbeat_due or self.stats.cycle_errors == 1:
-                self._send_fail_safe()
+                self._send_fail_safe(heartbeat=heartbeat_due)
 
-    def _send_fail_safe(self) -> None:
+    def _send_fail_safe(self, *, heartbeat: bool) -> None:
+        """The fail-safe set, as this deadline's heartbeat when one is due (else in between)."""
         try:
-            self._send(fail_safe(self.state or self.last_sent, self.config, self._wall()), urgent=True)
+            state = fail_safe(self.state or self.last_sent, self.config, self._wall())
+            self._send(state, urgent=not heartbeat)
         except Exception:
             # Not even the fail-safe set could be made or sent. Ending the control loop would leave
             # the inverter in silence: count it, and try again at the next tick.
             self.stats.failsafe_errors += 1
-            self._next_heartbeat = self._monotonic() + CONTROL_TICK_S
+            self._heartbeat_hold_until = self._monotonic() + CONTROL_TICK_S
             log.exception("fail-safe set failed; trying again in %g s", CONTROL_TICK_S)
 
     # -- failover ----------------------------------------------------------------------------
@@ -482,7 +628,7 @@ class ControllerService:
         self._next_beat = now  # announce the new role at once
         if roles.role is Role.ACTIVE:
             self.last_sent = None  # the first set after a takeover goes out at once, in full
-            self._next_heartbeat = now
+            self.heartbeat.restart(now)  # and the new active's schedule starts with it
             self._urgent.set()
             record = LeaderRecord(site_id=self.config.site_id, node_id=self.config.node_id,
                                   node_number=self.config.failover.node_number, epoch=roles.epoch,
@@ -504,6 +650,12 @@ class ControllerService:
             last_change_reason=roles.reason if roles else "single controller",
             last_change_timestamp_s=self._wall() - (now - roles.changed_s) if roles else 0.0,
             timestamp_s=self._wall(),
+            foreign_transmitter=self.foreign.raised(now),
+            foreign_transmitter_last_seen_s=(
+                None if self.foreign.last_foreign_s is None
+                else self._wall() - (now - self.foreign.last_foreign_s)
+            ),
+            foreign_limits_frames=self.foreign.frames,
         )
         self.mqtt.publish(self._status_topic, encode(status), qos=1, retain=True)
 
@@ -515,7 +667,7 @@ class ControllerService:
 
     async def start(self) -> None:
         self.metrics.serve(self.config.metrics)
-        self.can.open()
+        await self.can.start()
         self._last_pulse = self._monotonic()
         if self.modbus is not None:
             await self.modbus.start()
@@ -532,7 +684,7 @@ class ControllerService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await self.mqtt.stop(final=(self._status_topic, STATUS_OFFLINE, True))
-        self.can.close()
+        await self.can.stop()
         if self.modbus is not None:
             await self.modbus.stop()
         self.metrics.close()
