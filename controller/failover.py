@@ -8,8 +8,11 @@ analysis). In short:
 * A ``standby`` becomes active only after hearing no active for ``silence`` (3 heartbeat periods)
   plus ``stagger`` for every live standby of better (rank, node number): two standbys never start
   together. It then takes epoch = highest epoch seen + 1.
-* An active that hears another active with a better claim (epoch, then rank, then node number), or
-  inverter frames without any heartbeat, stops at once.
+* An active that hears another active with a better claim (epoch, then rank, then node number)
+  stops at once. Limits frames that no bmslink heartbeat accounts for come from a *foreign*
+  transmitter: with heartbeats on, that raises an alarm (:class:`ForeignTransmitterWatch`) and
+  nobody yields to it, so a foreign node cannot silence the fail-safe authority; with heartbeats
+  off the limits frames are the only sign of another active, so an active yields to them.
 * A controller that starts is a standby that listens a full window before it may take over (no
   preemption); it announces itself with standby heartbeats so that ranks order simultaneous starts.
 * ``fenced``: a controller whose own loop stalled longer than half the silence window (frozen, then
@@ -69,6 +72,7 @@ class RoleMachine:
     reason: str = "starting: listening before transmitting"
     changed_s: float = 0.0
     last_active_heard_s: float | None = None
+    last_active_beat_s: float | None = None  # an active or releasing heartbeat of another node
     active_peer: PeerBeat | None = None
     standbys: dict[int, tuple[PeerBeat, float]] = field(default_factory=dict)
     fenced_until_s: float = 0.0
@@ -144,6 +148,7 @@ class RoleMachine:
             return
         self.standbys.pop(beat.node_number, None)
         self.last_active_heard_s = now_s
+        self.last_active_beat_s = now_s
         self.active_peer = beat
         if beat.role is WireRole.RELEASING and beat.release_to == self.config.node_number:
             if self.role is Role.STANDBY:
@@ -159,11 +164,21 @@ class RoleMachine:
                 )
 
     def on_foreign_inverter_frame(self, now_s: float) -> None:
-        """A limits frame we did not send. With heartbeats on, an unannounced transmitter; without,
-        the only sign of another active. Either way nobody may talk over it."""
+        """A limits frame we did not send, taken as another active's: nobody may talk over it.
+
+        The service calls this only with heartbeats off, where limits frames are the only sign of
+        another active. With heartbeats on it asks :meth:`peer_active_live` instead, and a frame no
+        heartbeat accounts for is a foreign transmitter's: an alarm, not a reason to yield.
+        """
         self.last_active_heard_s = now_s
         if self.role is Role.ACTIVE:
             self._become(Role.STANDBY, now_s, "heard inverter frames from another transmitter")
+
+    def peer_active_live(self, now_s: float) -> bool:
+        """Another bmslink controller's active (or releasing) heartbeat was heard within the silence
+        window: the limits frames on the bus can be its."""
+        heard = self.last_active_beat_s
+        return heard is not None and now_s - heard <= self.config.silence_s
 
     # -- the clock ---------------------------------------------------------------------------
 
@@ -244,3 +259,47 @@ class RoleMachine:
         if self.role is Role.ACTIVE:
             return 0.0
         return None if self.last_active_heard_s is None else now_s - self.last_active_heard_s
+
+
+@dataclass
+class ForeignTransmitterWatch:
+    """Limits frames on the inverter bus that no bmslink controller accounts for (pure; time passed in).
+
+    A frame is *unattributed* when no bmslink active heartbeat is live when it arrives. A new
+    active's first set leaves just before its first heartbeat, so an unattributed frame becomes
+    *foreign* only if no active heartbeat claims it within ``grace_s`` (the silence window; 0 where
+    no heartbeat can come: a single controller, or heartbeats off). The alarm stays raised for
+    ``hold_s`` after the last foreign frame, so a short burst is still visible in the published state.
+    """
+
+    grace_s: float
+    hold_s: float
+    frames: int = 0  # unattributed limits frames heard
+    detections: int = 0  # times the alarm rose
+    pending_since_s: float | None = None
+    last_frame_s: float | None = None
+    last_foreign_s: float | None = None
+
+    def unattributed(self, now_s: float) -> None:
+        self.frames += 1
+        self.last_frame_s = now_s
+        if self.pending_since_s is None:
+            self.pending_since_s = now_s
+
+    def claimed(self) -> None:
+        """An active bmslink heartbeat arrived: the frames pending so far were that controller's."""
+        self.pending_since_s = None
+
+    def update(self, now_s: float) -> bool:
+        """Confirm pending frames whose grace has passed; True if this raised the alarm anew."""
+        if self.pending_since_s is None or now_s - self.pending_since_s < self.grace_s:
+            return False
+        rose = not self.raised(now_s)
+        self.last_foreign_s = self.last_frame_s
+        self.pending_since_s = None
+        if rose:
+            self.detections += 1
+        return rose
+
+    def raised(self, now_s: float) -> bool:
+        return self.last_foreign_s is not None and now_s - self.last_foreign_s <= self.hold_s

@@ -56,6 +56,9 @@ class ClusterFlags(_Frozen):
     not_enough_racks: Flag = False
     latched_alarm: Flag = False  # a protection alarm is latched until cleared by command
     unknown_rack_seen: Flag = False
+    # Limits frames on the inverter bus from a node that is not a bmslink controller: the inverter
+    # hears conflicting limits (docs/failover.md, "Foreign transmitter").
+    foreign_transmitter: Flag = False
 
     def raised(self) -> tuple[str, ...]:
         return tuple(name for name, value in self if value)
@@ -132,6 +135,10 @@ class ControllerStatus(_Frozen):
     last_change_reason: Text = ""
     last_change_timestamp_s: Seconds = 0.0
     timestamp_s: Seconds = 0.0
+    # A node that is not a bmslink controller sends limits frames (alarm; docs/failover.md).
+    foreign_transmitter: Flag = False
+    foreign_transmitter_last_seen_s: Seconds | None = None  # wall clock of its last frame; None: never
+    foreign_limits_frames: Counter = 0  # limits frames no bmslink controller accounted for
 
 
 class LeaderRecord(_Frozen):
