@@ -38,6 +38,7 @@ import hashlib
 import json
 import math
 import random
+import signal
 import socket
 import string
 import struct
@@ -82,6 +83,13 @@ SETTLE_S = 2.0  # after the first full grant, before the baseline is taken
 RECOVERY_TIMEOUT_S = 15.0
 SILENCE_SLACK_S = 0.8  # on a 2-core VM shared with others: scheduling noise beyond 2 × period
 STREAM_FRESH_SHARE = 0.6
+# After the fuzz (failover on): the controller is frozen this long, as a loaded gateway's loop can be,
+# then watched for STALL_OBSERVE_S. Resumed, it fences and takes over anew, with an epoch above every
+# epoch it has seen, leader records the fuzz sent included; it must end the watch granting in full
+# without a silence, for at least STALL_STEADY_S.
+STALL_S = 1.0
+STALL_OBSERVE_S = 5.0
+STALL_STEADY_S = 2.0
 
 KINDS: dict[str, int] = {  # mutation kind → weight (per topic class, see Mutator.case)
     "random_bytes": 8,
@@ -538,6 +546,9 @@ class FuzzResult:
     log_lines_by_kind: dict[str, int] = field(default_factory=dict)
     genuine_sent: int = 0
     genuine_late: int = 0
+    stall_resumed: bool | None = None  # None: not tried (failover off)
+    stall_resume_s: float | None = None
+    stall_role: str = ""
 
 
 def _log_kinds(text: str, top: int = 12) -> dict[str, int]:
@@ -629,6 +640,8 @@ def run_fuzz(work: Path, *, seed: int = 1, count: int = DEFAULT_COUNT, rate: flo
         worst = max((max(f.ccl_a - allowed_ccl, f.dcl_a - allowed_dcl) for f in excess), default=0.0)
         rejected = rejected_total(counters1) - rejected_total(counters0)
         log_text = rig.controller_stderr.read_bytes()[log0:log1].decode(errors="replace")
+        bound = 2 * period_ms / 1000.0 + SILENCE_SLACK_S
+        stall = _stall_and_resume(rig, bound) if failover and alive else None
     finally:
         rig.stop()
     genuine = rig.publisher_stats()
@@ -657,7 +670,37 @@ def run_fuzz(work: Path, *, seed: int = 1, count: int = DEFAULT_COUNT, rate: flo
         log_bytes_per_rejected=round((log1 - log0) / rejected, 2) if rejected > 0 else float("inf"),
         log_lines_by_kind=_log_kinds(log_text),
         genuine_sent=genuine["sent"], genuine_late=genuine["late"],
+        stall_resumed=None if stall is None else stall[0] is not None,
+        stall_resume_s=None if stall is None or stall[0] is None else round(stall[0], 3),
+        stall_role="" if stall is None else stall[1],
     )
+
+
+def _stall_and_resume(rig: ChaosRig, bound_s: float) -> tuple[float | None, str]:
+    """Freeze the controller for STALL_S and resume it; (seconds from the resume to the start of the
+    unbroken run of full grants that ends the watch, None if there is no such run of STALL_STEADY_S;
+    the role it ends in). A resumed controller may send a late set or two before it notices its stall
+    and fences: only how the watch ends counts."""
+    assert rig.listener is not None
+    allowed_ccl, allowed_dcl = rig.allowed(charge=True), rig.allowed(charge=False)
+    rig.procs.send_signal("controller", signal.SIGSTOP)
+    time.sleep(STALL_S)
+    rig.procs.send_signal("controller", signal.SIGCONT)
+    t_resume = time.monotonic()
+    time.sleep(STALL_OBSERVE_S)
+    t_end = time.monotonic()
+    run_start: float | None = None
+    later = t_end
+    for f in reversed(rig.listener.since(t_resume)):
+        if later - f.t > bound_s or f.ccl_a < allowed_ccl - FRAME_RESOLUTION_A \
+                or f.dcl_a < allowed_dcl - FRAME_RESOLUTION_A:
+            break
+        run_start = later = f.t
+    roles = rig.metrics().get("bmslink_controller_role", {})
+    role = next((name for name, v in roles.items() if v == 1.0), "?")
+    if run_start is None or t_end - run_start < STALL_STEADY_S:
+        return None, role
+    return run_start - t_resume, role
 
 
 def print_result(r: FuzzResult) -> None:
@@ -681,6 +724,9 @@ def print_result(r: FuzzResult) -> None:
         ("0x351 frames, longest gap (bound)",
          f"{r.limits_frames}, {r.max_gap_s:.3f} s ({r.silence_bound_s:.2f} s)"),
         ("full grant again after the fuzz", f"yes, {r.recovery_s:.2f} s" if r.recovered else "NO"),
+        (f"... after a {STALL_S:g} s freeze of the controller",
+         "not tried" if r.stall_resumed is None else
+         f"yes, {r.stall_resume_s:.2f} s" if r.stall_resumed else f"NO (role {r.stall_role})"),
         ("rejected (telemetry counters, delta)", str(r.rejected_delta)),
         ("accepted (delta; genuine sent in all)",
          f"{r.accepted_delta} ({r.genuine_sent}, late {r.genuine_late})"),

@@ -7,6 +7,13 @@ up here: the fuzz sends such limits, never honest-typed ones above the genuine),
 hears no limits for longer than two periods plus slack, if nothing was refused, if the log grows
 by more than a few dozen bytes per refused payload, or if the genuine racks are not granted in
 full again once the fuzz stops (a payload locked a rack out).
+
+The first test runs the controller without failover, so that the leader record is not read and the
+verdict does not hang on the machine's scheduling (see the second). The second runs it with failover,
+as a single node, then freezes it for a second, as a loaded gateway's loop can be: it must take over
+again and grant. A leader record the contract accepts (epoch up to 2**63 - 1) that says more than the
+32-bit heartbeat epoch can carry makes that takeover fail its every cycle: silence. Hence strict
+xfail until that is fixed (then remove the mark).
 """
 
 from __future__ import annotations
@@ -15,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.fuzz_payloads import run_fuzz
+from bench.fuzz_payloads import FuzzResult, run_fuzz
 
 SEED = 20261202
 COUNT = 2000
+LEADER_COUNT = 1000
 RATE_PER_S = 800.0
 PERIOD_MS = 200
 # Rate-limited warnings cost a few lines per kind and 10 s window; one unthrottled line per refused
@@ -26,19 +34,36 @@ PERIOD_MS = 200
 LOG_BYTES_PER_REJECTED_MAX = 40.0
 
 
-@pytest.mark.slow
-def test_fuzzed_payloads_never_crash_raise_or_silence_the_controller(tmp_path: Path) -> None:
-    r = run_fuzz(tmp_path, seed=SEED, count=COUNT, rate=RATE_PER_S, period_ms=PERIOD_MS)
-    context = (f"seed {r.seed}: counters {r.counters_after}, log lines {r.log_lines_by_kind}; "
-               f"logs under {tmp_path}")
+def _context(r: FuzzResult, tmp_path: Path) -> str:
+    return (f"seed {r.seed}: counters {r.counters_after}, log lines {r.log_lines_by_kind}; "
+            f"logs under {tmp_path}")
 
-    assert r.count == COUNT, context
+
+def _assert_safe(r: FuzzResult, count: int, context: str) -> None:
+    assert r.count == count, context
     assert r.controller_alive, f"controller exited with status {r.controller_exit}; {context}"
-    assert r.tracebacks == 0, context
     assert r.worst_excess_a <= 0.0, (
         f"0x351 above what the genuine racks allow (CCL {r.allowed_ccl_a} / DCL {r.allowed_dcl_a} A): "
         f"{r.excess_frames}; {context}")
     assert r.max_gap_s <= r.silence_bound_s, f"inverter silent for {r.max_gap_s:.3f} s; {context}"
+    assert r.recovered, f"the genuine racks were not granted in full again after the fuzz; {context}"
+
+
+@pytest.mark.slow
+def test_fuzzed_payloads_never_crash_raise_or_silence_the_controller(tmp_path: Path) -> None:
+    r = run_fuzz(tmp_path, seed=SEED, count=COUNT, rate=RATE_PER_S, period_ms=PERIOD_MS, failover=False)
+    context = _context(r, tmp_path)
+    _assert_safe(r, COUNT, context)
+    assert r.tracebacks == 0, context
     assert r.rejected_delta >= COUNT // 2, context
     assert r.log_bytes_per_rejected <= LOG_BYTES_PER_REJECTED_MAX, context
-    assert r.recovered, f"the genuine racks were not granted in full again after the fuzz; {context}"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="a leader record with epoch >= 2**32 - 1 is taken (epoch_seen), and "
+                   "the next takeover's epoch overflows the 32-bit heartbeat signal: every cycle fails")
+def test_fuzzed_leader_records_leave_a_takeover_working(tmp_path: Path) -> None:
+    r = run_fuzz(tmp_path, seed=SEED, count=LEADER_COUNT, rate=RATE_PER_S, period_ms=PERIOD_MS, failover=True)
+    context = _context(r, tmp_path)
+    _assert_safe(r, LEADER_COUNT, context)
+    assert r.stall_resumed, f"no steady full grant after a 1 s freeze (role {r.stall_role}); {context}"
