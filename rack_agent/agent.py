@@ -25,6 +25,7 @@ from rack_agent.schedule import FixedRateSchedule
 from rack_agent.unit import UnitRuntime
 from shared.agent_config import AgentConfig
 from shared.codec import encode
+from shared.logthrottle import ThrottledLog
 from shared.models import RackCommState, RackTelemetry
 from shared.mqtt import MqttSession, Will
 from shared.topics import STATUS_OFFLINE, STATUS_ONLINE, Topics
@@ -46,7 +47,7 @@ def load_unit_profiles(config: AgentConfig) -> dict[str, UnitRuntime]:
                 profile = load_profile(unit.profile)
             except ProfileError as exc:
                 raise ProfileError(f"units.{unit.name}.profile = {unit.profile!r}", exc.problems) from exc
-        units[unit.name] = UnitRuntime.create(unit, profile, config.polling.comm_lost_after)
+        units[unit.name] = UnitRuntime.create(unit, profile, config.polling)
     return units
 
 
@@ -75,6 +76,8 @@ class RackAgent:
             name: [u for u in self.units.values() if u.config.link == name] for name in self.links
         }
         self.metrics = AgentMetrics(config.rack_id)
+        # Lines that can recur at every poll go through here; the metrics count every event.
+        self._log = ThrottledLog(log)
         self.stats = AgentStats()
         self.seq = 0
         # A new stream per run: the controller orders readings by seq within it and hears a restarted
@@ -122,32 +125,47 @@ class RackAgent:
         timeout_s = self.config.polling.request_timeout_ms / 1000.0
         started = self._monotonic()
         labels = (self.config.rack_id, unit.name)
+        discoveries = unit.discovery.attempts
         try:
             measurements = await link.read_unit(unit, timeout_s)
         except PollError as exc:
-            first_of_streak = unit.health.consecutive_failures == 0
-            changed_class = unit.health.status is not exc.status
-            became_lost = unit.health.record_failure(exc)
-            self.metrics.polls.labels(*labels, exc.status.value).inc()
-            if became_lost:
-                log.error("rack %s %s; comm lost after %d consecutive failures, limits zeroed",
-                          self.config.rack_id, exc, unit.health.consecutive_failures)
-                self.metrics.comm_lost.labels(*labels).set(1)
-                self._after_comm_lost(link, unit)
-            elif first_of_streak or changed_class:
-                log.warning("rack %s %s", self.config.rack_id, exc)
-            else:
-                log.debug("rack %s %s", self.config.rack_id, exc)
+            if unit.discovery.attempts != discoveries:
+                self.metrics.discoveries.labels(*labels, exc.status.value).inc()
+            self._poll_failed(link, unit, exc)
             return
+        if unit.discovery.attempts != discoveries:
+            self.metrics.discoveries.labels(*labels, "ok").inc()
         if unit.health.record_success(measurements):
-            log.info("rack %s unit %s: communication restored", self.config.rack_id, unit.name)
+            self._log.info(("restored", unit.name), "rack %s unit %s: communication restored",
+                           self.config.rack_id, unit.name)
             self.metrics.comm_lost.labels(*labels).set(0)
         self.metrics.polls.labels(*labels, "ok").inc()
         self.metrics.poll_latency.labels(*labels).observe(self._monotonic() - started)
 
-    def _after_comm_lost(self, link: BmsLink, unit: UnitRuntime) -> None:
+    def _poll_failed(self, link: BmsLink, unit: UnitRuntime, exc: PollError) -> None:
+        labels = (self.config.rack_id, unit.name)
+        first_of_streak = unit.health.consecutive_failures == 0
+        changed_class = unit.health.status is not exc.status
+        became_lost = unit.health.record_failure(exc)
+        # The counters keep every failure; the log keeps a sample (a unit that flaps between ok and
+        # failing, or between two classes, would otherwise write a line at every poll).
+        self.metrics.polls.labels(*labels, exc.status.value).inc()
+        if became_lost:
+            self._log.error(("comm_lost", unit.name),
+                            "rack %s %s; comm lost after %d consecutive failures, limits zeroed",
+                            self.config.rack_id, exc, unit.health.consecutive_failures)
+            self.metrics.comm_lost.labels(*labels).set(1)
+            self._after_comm_lost(link, unit, exc)
+        elif first_of_streak or changed_class:
+            self._log.warning(("failed", unit.name, exc.status), "rack %s %s", self.config.rack_id, exc)
+        else:
+            log.debug("rack %s %s", self.config.rack_id, exc)
+
+    def _after_comm_lost(self, link: BmsLink, unit: UnitRuntime, exc: PollError) -> None:
         if isinstance(unit.profile, SunSpecProfile):
             unit.plan = None  # the device may have been replaced or re-addressed: discover again
+        if not exc.transient:
+            return  # the device answers (with a layout we refuse): a new connection changes nothing
         peers = self._units_by_link[link.name]
         if link.reconnect_on_comm_loss and all(u.health.comm_lost for u in peers):
             link.mark_broken(f"all units on link {link.name} comm-lost")
@@ -219,8 +237,9 @@ class RackAgent:
                     self.metrics.skipped_slots.labels(self.config.rack_id).inc(slot.skipped)
                     for unit in self.units.values():
                         unit.health.record_skipped_slot(slot.skipped)
-                    log.warning(
-                        "rack %s: poll overran, %d slot(s) skipped", self.config.rack_id, slot.skipped
+                    self._log.warning(
+                        ("overrun",), "rack %s: poll overran, %d slot(s) skipped",
+                        self.config.rack_id, slot.skipped,
                     )
                 delay = slot.start_s - self._monotonic()
                 if delay > 0:

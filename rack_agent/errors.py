@@ -66,8 +66,20 @@ class InvalidDataError(PollError):
     label = "Invalid Data"
 
 
+class DeviceLayoutError(InvalidDataError):
+    """The device's register layout does not fit the profile: no SunSpec marker, a model chain without
+    an end, a model the profile needs missing or shorter than its points.
+
+    Not transient: it lasts until the device (or its firmware, or the profile) changes, so discovery
+    is retried on a bounded backoff instead of at every poll.
+    """
+
+    transient = False
+
+
 class ProfileError(Exception):
-    """A profile file (or the device's SunSpec layout) cannot be used; permanent until fixed."""
+    """A profile file cannot be used; permanent until fixed (a device that does not fit a good
+    profile is a :class:`DeviceLayoutError` instead)."""
 
     def __init__(self, source: str, problems: list[str]) -> None:
         self.source = source

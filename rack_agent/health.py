@@ -21,6 +21,8 @@ class UnitHealth:
     last_good: RackMeasurements | None = None
     counts: Counter[str] = field(default_factory=Counter)
     ever_ok: bool = False
+    # Why the last poll failed, as logged ("unit bms: Invalid Data: model 803 ... not on the device").
+    last_error: str | None = None
 
     @property
     def comm_lost(self) -> bool:
@@ -33,6 +35,7 @@ class UnitHealth:
         self.consecutive_failures = 0
         self.last_good = measurements
         self.ever_ok = True
+        self.last_error = None
         self.counts[LinkStatus.OK.value] += 1
         return recovered
 
@@ -42,6 +45,7 @@ class UnitHealth:
         self.status = error.status
         self.consecutive_failures += 1
         self.counts[error.status.value] += 1
+        self.last_error = str(error)
         if error.code is not None:
             self.last_exception_code = error.code
         return self.comm_lost and not was_lost

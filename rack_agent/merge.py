@@ -11,7 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shared.models import ContactorState, ProtectionFlags, RackMeasurements
+from shared.models import (
+    CAPACITY_MAX_AH,
+    CURRENT_ABS_MAX_A,
+    ContactorState,
+    ProtectionFlags,
+    RackMeasurements,
+)
+
+
+def _within(value: float, low: float, high: float) -> float:
+    return min(max(value, low), high)
 
 
 def _contactor(states: Sequence[ContactorState]) -> ContactorState:
@@ -31,6 +41,10 @@ def merge_units(named: Sequence[tuple[str, RackMeasurements]]) -> RackMeasuremen
     ms = [m for _, m in named]
     n = len(ms)
     capacity = sum(m.capacity_ah for m in ms)
+    # Each unit's reading is valid on its own; what is made of several must stay within the contract
+    # too, or one rack of many strong strings would end the agent. Sums are clamped to the contract's
+    # bounds (limits downwards: never more than the contract allows), and the capacity-weighted SoC
+    # to 0..100 % (its rounding can land a hair outside).
     vmax_name, vmax = max(named, key=lambda nm: nm[1].cell_voltage_max_v)
     vmin_name, vmin = min(named, key=lambda nm: nm[1].cell_voltage_min_v)
     tmax_name, tmax = max(named, key=lambda nm: nm[1].temperature_max_c)
@@ -42,8 +56,9 @@ def merge_units(named: Sequence[tuple[str, RackMeasurements]]) -> RackMeasuremen
         warnings = warnings.union(m.warnings)
     return RackMeasurements(
         pack_voltage_v=sum(m.pack_voltage_v for m in ms) / n,
-        current_a=sum(m.current_a for m in ms),
-        soc_pct=sum(m.soc_pct * m.capacity_ah for m in ms) / capacity if capacity > 0 else 0.0,
+        current_a=_within(sum(m.current_a for m in ms), -CURRENT_ABS_MAX_A, CURRENT_ABS_MAX_A),
+        soc_pct=_within(sum(m.soc_pct * m.capacity_ah for m in ms) / capacity, 0.0, 100.0)
+        if capacity > 0 else 0.0,
         soh_pct=min(m.soh_pct for m in ms),
         cell_voltage_max_v=vmax.cell_voltage_max_v,
         cell_voltage_max_location=f"{vmax_name}: {vmax.cell_voltage_max_location}"[:64],
@@ -53,14 +68,14 @@ def merge_units(named: Sequence[tuple[str, RackMeasurements]]) -> RackMeasuremen
         temperature_max_location=f"{tmax_name}: {tmax.temperature_max_location}"[:64],
         temperature_min_c=tmin.temperature_min_c,
         temperature_min_location=f"{tmin_name}: {tmin.temperature_min_location}"[:64],
-        charge_current_limit_a=min(m.charge_current_limit_a for m in ms) * n,
-        discharge_current_limit_a=min(m.discharge_current_limit_a for m in ms) * n,
+        charge_current_limit_a=min(min(m.charge_current_limit_a for m in ms) * n, CURRENT_ABS_MAX_A),
+        discharge_current_limit_a=min(min(m.discharge_current_limit_a for m in ms) * n, CURRENT_ABS_MAX_A),
         charge_voltage_limit_v=min(m.charge_voltage_limit_v for m in ms),
         discharge_voltage_limit_v=max(m.discharge_voltage_limit_v for m in ms),
         alarms=alarms,
         warnings=warnings,
         contactor=_contactor([m.contactor for m in ms]),
-        capacity_ah=capacity,
+        capacity_ah=min(capacity, CAPACITY_MAX_AH),
     )
 
 

@@ -21,6 +21,10 @@ class AgentMetrics(MetricsEndpoint):
             "bmslink_agent_polls", "Unit polls by outcome (ok, timeout, crc_error, ...)",
             [*labels, "outcome"], registry=self.registry,
         )
+        self.discoveries = Counter(
+            "bmslink_agent_discoveries", "SunSpec discoveries by outcome (refused layouts back off)",
+            [*labels, "outcome"], registry=self.registry,
+        )
         self.comm_lost = Gauge("bmslink_agent_unit_comm_lost", "1 while a unit is comm-lost", labels,
                                registry=self.registry)
         self.skipped_slots = Counter("bmslink_agent_skipped_slots", "Poll slots skipped after overruns",

@@ -11,18 +11,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 from abc import ABC, abstractmethod
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
-from rack_agent.errors import ConnectionRefusedPollError, PollError, PollTimeoutError
+from rack_agent.errors import ConnectionRefusedPollError, InvalidDataError, PollError, PollTimeoutError
 from rack_agent.unit import UnitRuntime
+from shared.logthrottle import ThrottledLog
 from shared.models import RackMeasurements
 
 log = logging.getLogger(__name__)
 
 # A unit read may take several requests (blocks, SunSpec discovery), each with its own timeout.
 UNIT_READ_DEADLINE_REQUESTS = 8
+
+
+class _Traceback:
+    """An exception's traceback, formatted only if the log line carrying it is written."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __str__(self) -> str:
+        return "".join(traceback.format_exception(self.exc)).rstrip()
 
 
 class BmsLink(ABC):
@@ -44,6 +56,8 @@ class BmsLink(ABC):
         # Units on one link are polled in turn (a serial bus carries one request at a time).
         self._turn = asyncio.Lock()
         self.connect_attempts = 0
+        # Lines that can recur with the link's ups and downs: a flapping link costs a few lines.
+        self._log = ThrottledLog(log)
 
     @property
     def connected(self) -> bool:
@@ -73,7 +87,7 @@ class BmsLink(ABC):
     def mark_broken(self, reason: str) -> None:
         """Drop the connection and let the connector re-establish it (e.g. after comm loss)."""
         if self._connected:
-            log.warning("link %s: reconnecting: %s", self.name, reason)
+            self._log.warning(("reconnect",), "link %s: reconnecting: %s", self.name, reason)
         self._connected = False
         self._up.clear()
         self._need_connect.set()
@@ -112,7 +126,7 @@ class BmsLink(ABC):
                 return
             self._connected = True
             self._up.set()
-            log.info("link %s: connected", self.name)
+            self._log.info(("connected",), "link %s: connected", self.name)
 
     async def read_unit(self, unit: UnitRuntime, timeout_s: float) -> RackMeasurements:
         """One poll of one unit, within ``timeout_s``; raises a :class:`PollError` subclass."""
@@ -134,6 +148,18 @@ class BmsLink(ABC):
                 raise exc.for_unit(unit.name) from None
             except PollError as exc:
                 raise exc.for_unit(unit.name) from None
+            except Exception as exc:
+                # Every failure a device can cause is meant to be typed above; one that is not is a
+                # gap in our decoding, and still no reason to end the agent (its other units, and
+                # the comm-lost rule for this one, must go on). Classified, counted, traceback logged.
+                self._log.error(
+                    ("unexpected", unit.name, type(exc).__name__),
+                    "link %s unit %s: unexpected %s while reading (a bug, reported as invalid data)\n%s",
+                    self.name, unit.name, type(exc).__name__, _Traceback(exc),
+                )
+                raise InvalidDataError(
+                    f"unexpected {type(exc).__name__} decoding the answer: {exc}", unit=unit.name
+                ) from exc
 
     def _deadline_error(self, deadline_s: float) -> PollError:
         """What a missed unit-read deadline means on this link (a driver may know better)."""

@@ -14,6 +14,7 @@ Classification of every outcome, because pymodbus does not do it for us:
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
@@ -23,14 +24,16 @@ from pymodbus.framer import FramerType
 from rack_agent.errors import (
     ConnectionRefusedPollError,
     CrcError,
+    DeviceLayoutError,
     InvalidDataError,
     ModbusExceptionError,
     PollError,
     PollTimeoutError,
+    ProfileError,
 )
 from rack_agent.links.base import BmsLink
 from rack_agent.profiles import SunSpecProfile
-from rack_agent.profiles.plan import decode_measurements, image_from_blocks
+from rack_agent.profiles.plan import RegisterPlan, decode_measurements, image_from_blocks
 from rack_agent.profiles.spec import Table
 from rack_agent.profiles.sunspec import discover, sunspec_plan
 from rack_agent.unit import UnitRuntime
@@ -140,21 +143,54 @@ class ModbusLink(BmsLink):
             raise InvalidDataError(f"asked {count} registers at {address}, got {len(registers)}")
         return registers[:count]
 
+    async def _plan(self, unit: UnitRuntime) -> RegisterPlan:
+        """The unit's register plan, discovering the SunSpec layout when there is none yet.
+
+        A layout the profile cannot use is reported as :class:`DeviceLayoutError` (invalid data, with
+        the reason) and not asked for again before the unit's discovery backoff has passed: polls in
+        between fail at once with the same reason, so the unit stays visible as invalid_data (and
+        becomes comm-lost after ``comm_lost_after`` polls) without a burst of requests at every slot.
+        Failures of the link itself (silence, refusal) are retried at the next poll, as any poll is.
+        """
+        if unit.plan is not None:
+            return unit.plan
+        profile = unit.profile
+        if not isinstance(profile, SunSpecProfile):
+            raise InvalidDataError(f"unit {unit.name} has no register plan")
+        retry = unit.discovery
+        now = time.monotonic()
+        if not retry.due(now):
+            raise retry.waiting_error(now)
+        device_id = unit.config.device_id
+
+        async def read_holding(address: int, count: int) -> list[int]:
+            return await self.read_registers(device_id, Table.HOLDING, address, count)
+
+        retry.started()
+        try:
+            layout = await discover(read_holding, profile.base_addresses)
+            plan = sunspec_plan(profile, layout)
+        except ProfileError as exc:  # load_profile checks the points; kept so nothing can escape
+            error = DeviceLayoutError(f"{exc.source}: {'; '.join(exc.problems)}")
+            self._refused(unit, error)
+            raise error from exc
+        except PollError as exc:
+            if not exc.transient:
+                self._refused(unit, exc)
+            raise
+        retry.succeeded()
+        unit.plan = plan
+        self._log.info(("sunspec", unit.name), "unit %s: SunSpec at %d, models %s", unit.name,
+                       layout.base_address, sorted(f"{m}" for m, _ in layout.models))
+        return plan
+
+    def _refused(self, unit: UnitRuntime, error: PollError) -> None:
+        delay_s = unit.discovery.failed(error, time.monotonic())
+        error.detail = f"{error.detail} (next discovery in {delay_s:.2f} s)"
+
     async def _read(self, unit: UnitRuntime, timeout_s: float) -> RackMeasurements:
         device_id = unit.config.device_id
-        if unit.plan is None:
-            profile = unit.profile
-            if not isinstance(profile, SunSpecProfile):
-                raise InvalidDataError(f"unit {unit.name} has no register plan")
-
-            async def read_holding(address: int, count: int) -> list[int]:
-                return await self.read_registers(device_id, Table.HOLDING, address, count)
-
-            layout = await discover(read_holding, profile.base_addresses)
-            unit.plan = sunspec_plan(profile, layout)
-            log.info("unit %s: SunSpec at %d, models %s", unit.name, layout.base_address,
-                     sorted(f"{m}" for m, _ in layout.models))
-        plan = unit.plan
+        plan = await self._plan(unit)
         reads = [
             (block, await self.read_registers(device_id, block.table, block.address, block.count))
             for block in plan.blocks

@@ -47,9 +47,18 @@ def load_profile(name_or_path: str) -> FlatProfile | SunSpecProfile:
     except Exception as exc:  # ConfigError from the TOML loader, re-typed for profiles
         raise ProfileError(str(path), [str(exc).splitlines()[-1].strip(" -")]) from exc
     try:
-        return _PROFILE_ADAPTER.validate_python(data)
+        profile = _PROFILE_ADAPTER.validate_python(data)
     except ValidationError as exc:
         raise ProfileError(str(path), format_validation_error(exc)) from exc
+    if isinstance(profile, SunSpecProfile):
+        # Points the SunSpec models do not have are the file's mistake, known before any device
+        # answers: refuse them here so that discovery only ever judges the device.
+        from rack_agent.profiles.sunspec import check_profile  # noqa: PLC0415 - loads pysunspec2
+
+        problems = check_profile(profile)
+        if problems:
+            raise ProfileError(str(path), problems)
+    return profile
 
 
 def _ref(reg: FlatRegister) -> RegRef:

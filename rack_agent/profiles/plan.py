@@ -20,6 +20,7 @@ from shared.models import ContactorState, ProtectionFlags, RackMeasurements
 
 MAX_REGISTERS_PER_READ = 125  # Modbus FC3/FC4 limit (pymodbus raises ValueError above it)
 MAX_GAP_REGISTERS = 16  # reading a few unused registers is cheaper than another round trip
+REGISTER_MAX = 0xFFFF
 
 RegisterImage = Mapping[tuple[Table, int], int]
 
@@ -145,6 +146,10 @@ def read_raw(ref: RegRef, image: RegisterImage) -> int | float:
         words = [image[(ref.table, a)] for a in ref.addresses]
     except KeyError as exc:
         raise InvalidDataError(f"register {ref.table.value}:{exc.args[0][1]} was not read") from exc
+    for word in words:
+        # A register holds 16 bits; anything else is not what a Modbus device can have said.
+        if not 0 <= word <= REGISTER_MAX:
+            raise InvalidDataError(f"register {ref.table.value}:{ref.address} holds {word!r}, not 16 bits")
     if ref.word_order == "little":
         words.reverse()
     if ref.type is RegisterType.U16:
@@ -166,6 +171,15 @@ def read_raw(ref: RegRef, image: RegisterImage) -> int | float:
     return raw
 
 
+def _integer(ref: RegRef, raw: int | float) -> int:
+    """``raw`` as an integer (bits, contactor values, locations): an f32 NaN or infinity is invalid data."""
+    if isinstance(raw, int):
+        return raw
+    if not math.isfinite(raw):
+        raise InvalidDataError(f"register {ref.table.value}:{ref.address} holds {raw!r}, not a number")
+    return int(raw)
+
+
 def _scaled(name: str, point: NumericPoint, image: RegisterImage) -> float:
     if point.const is not None:
         return point.const
@@ -173,6 +187,8 @@ def _scaled(name: str, point: NumericPoint, image: RegisterImage) -> float:
     raw = read_raw(point.ref, image)
     value = float(raw)
     if point.sf_ref is not None:
+        # sunssf: int16, "not implemented" is 0x8000 (refused by read_raw as the marker); SunSpec
+        # allows -10..10, and anything beyond is a device writing garbage where a scale belongs.
         sf = read_raw(point.sf_ref, image)
         if not isinstance(sf, int) or not -10 <= sf <= 10:
             raise InvalidDataError(f"{name}: scale factor {sf!r} out of range -10..10")
@@ -183,13 +199,20 @@ def _scaled(name: str, point: NumericPoint, image: RegisterImage) -> float:
     return value
 
 
-def _location(point: LocationPoint, image: RegisterImage) -> str:
-    return point.format.format(*(int(read_raw(ref, image)) for ref in point.refs))
+def _location(name: str, point: LocationPoint, image: RegisterImage) -> str:
+    numbers = [_integer(ref, read_raw(ref, image)) for ref in point.refs]
+    try:
+        # The format was tried with zeros when the profile was loaded; should a value still be
+        # refused, that is this reading's problem, not a reason to stop polling.
+        text = point.format.format(*numbers)
+    except (ValueError, OverflowError, IndexError, KeyError) as exc:
+        raise InvalidDataError(f"{name}: {point.format!r} cannot show {numbers}: {exc}") from exc
+    return text
 
 
 def _bit(point: BitPoint, image: RegisterImage) -> bool:
-    raw = read_raw(point.ref, image)
-    return bool((int(raw) >> point.bit) & 1)
+    raw = _integer(point.ref, read_raw(point.ref, image))
+    return bool((raw >> point.bit) & 1)
 
 
 def decode_measurements(
@@ -208,12 +231,12 @@ def decode_measurements(
     if invert_current:
         values["current_a"] = -float(values["current_a"])  # type: ignore[arg-type]
     for name, loc in plan.locations.items():
-        values[name] = _location(loc, image)
+        values[name] = _location(name, loc, image)
     values["alarms"] = ProtectionFlags(**{name: _bit(p, image) for name, p in plan.alarms.items()})
     values["warnings"] = ProtectionFlags(**{name: _bit(p, image) for name, p in plan.warnings.items()})
     if plan.contactor is not None:
         c = plan.contactor
-        raw = int(read_raw(c.ref, image))
+        raw = _integer(c.ref, read_raw(c.ref, image))
         closed = bool((raw >> c.bit) & 1) if c.bit is not None else raw in c.closed_values
         values["contactor"] = ContactorState.CLOSED if closed else ContactorState.OPEN
     try:

@@ -155,6 +155,10 @@ def _check_common(
         regs = getattr(spec, "registers", ())
         if fmt.count("{}") != len(regs):
             raise ValueError(f"locations.{where}: format {fmt!r} needs one '{{}}' per register ({len(regs)})")
+        try:
+            fmt.format(*([0] * len(regs)))  # registers are shown as integers
+        except (ValueError, IndexError, KeyError) as exc:
+            raise ValueError(f"locations.{where}: format {fmt!r} cannot show integers: {exc}") from exc
     if contactor is not None:
         bit = getattr(contactor, "bit", None)
         closed = getattr(contactor, "closed_values", ())

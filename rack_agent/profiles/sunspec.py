@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from rack_agent.errors import InvalidDataError, ProfileError
+from rack_agent.errors import DeviceLayoutError, InvalidDataError, ModbusExceptionError, ProfileError
 from rack_agent.profiles.plan import (
     BitPoint,
     ContactorPoint,
@@ -36,6 +36,9 @@ from rack_agent.profiles.spec import (
 SUNS_MARKER = (0x5375, 0x6E53)  # "SunS"
 END_MODEL_ID = 0xFFFF
 MAX_MODELS = 64  # a real device has a handful; more means we are walking garbage
+HEADER_REGISTERS = 2  # [ID, L] before each model's body; L counts the body only
+REGISTER_SPACE = 0x10000  # Modbus addresses 0..65535
+ILLEGAL_DATA_ADDRESS = 0x02  # Modbus exception code: no register at that address
 
 # SunSpec type -> (our register type, not-implemented marker(s))
 _TYPES: dict[str, tuple[RegisterType, frozenset[int]]] = {
@@ -91,52 +94,133 @@ class SunSpecLayout:
     lengths: dict[tuple[int, int], int]
 
 
+def _models_found(models: dict[tuple[int, int], int]) -> list[str]:
+    return [f"{m}#{i}" if i else f"{m}" for m, i in models]
+
+
+async def _read_base(read: ReadHolding, candidate: int) -> list[int] | None:
+    """The first registers at a candidate base, or None where the device has nothing to show."""
+    try:
+        return await read(candidate, 2)
+    except InvalidDataError:
+        return None
+    except ModbusExceptionError as exc:
+        # A device answers "illegal data address" where it maps no registers: try the next base,
+        # as pysunspec2's scan does. Any other exception (busy, device failure) is the device's
+        # state, not its layout, and is reported as what it is.
+        if exc.code == ILLEGAL_DATA_ADDRESS:
+            return None
+        raise
+
+
 async def discover(read: ReadHolding, base_addresses: tuple[int, ...]) -> SunSpecLayout:
-    """Find the SunS marker and walk the model chain. Read errors propagate unchanged."""
+    """Find the SunS marker and walk the model chain.
+
+    A layout that cannot be used (no marker, a chain without an end marker, a chain that runs off
+    the device's registers) raises :class:`DeviceLayoutError`; read errors propagate unchanged.
+    """
     base: int | None = None
     for candidate in base_addresses:
-        try:
-            regs = await read(candidate, 2)
-        except InvalidDataError:
-            continue
-        if tuple(regs[:2]) == SUNS_MARKER:
+        regs = await _read_base(read, candidate)
+        if regs is not None and tuple(regs[:2]) == SUNS_MARKER:
             base = candidate
             break
     if base is None:
-        raise InvalidDataError(f"no SunS marker at any of {list(base_addresses)}")
+        raise DeviceLayoutError(f"no SunS marker at any of {list(base_addresses)}")
     models: dict[tuple[int, int], int] = {}
     lengths: dict[tuple[int, int], int] = {}
     addr = base + 2
-    for _ in range(MAX_MODELS):
-        model_id, length = await read(addr, 2)
+    for _ in range(MAX_MODELS + 1):
+        if addr + HEADER_REGISTERS > REGISTER_SPACE:
+            raise DeviceLayoutError(
+                f"SunSpec model chain from {base} runs past register {REGISTER_SPACE - 1} "
+                f"without an end marker (models {_models_found(models)})"
+            )
+        try:
+            model_id, length = await read(addr, HEADER_REGISTERS)
+        except ModbusExceptionError as exc:
+            if exc.code != ILLEGAL_DATA_ADDRESS:
+                raise
+            raise DeviceLayoutError(
+                f"SunSpec model chain from {base} runs off the device's registers at {addr} "
+                f"without an end marker (models {_models_found(models)})"
+            ) from exc
         if model_id == END_MODEL_ID:
             return SunSpecLayout(base, models, lengths)
+        if model_id == 0:
+            # No SunSpec model has id 0: this is blank memory after a chain that lost its end marker.
+            raise DeviceLayoutError(
+                f"SunSpec model chain from {base} has model id 0 at {addr} "
+                f"(no end marker after models {_models_found(models)})"
+            )
+        if len(models) == MAX_MODELS:
+            break
         instance = sum(1 for (mid, _i) in models if mid == model_id)
         models[(model_id, instance)] = addr
         lengths[(model_id, instance)] = length
-        addr += 2 + length
-        if addr > 0xFFFF:
-            break
-    raise InvalidDataError(f"SunSpec model chain from {base} has no end marker within {MAX_MODELS} models")
+        addr += HEADER_REGISTERS + length
+    raise DeviceLayoutError(
+        f"SunSpec model chain from {base} has no end marker within {MAX_MODELS} models"
+    )
 
 
 def _resolve(reg: SunSpecRegister, layout: SunSpecLayout, where: str) -> tuple[RegRef, PointDef]:
+    """Where a profile point lies on this device; :class:`DeviceLayoutError` if it does not."""
     key = (reg.model, reg.instance)
+    pdef = _point_def(reg, where)
     if key not in layout.models:
-        present = sorted(f"{m}#{i}" for m, i in layout.models)
-        raise ProfileError(
-            where, [f"model {reg.model} instance {reg.instance} not on device (found {present})"]
+        raise DeviceLayoutError(
+            f"{where}: model {reg.model} instance {reg.instance} not on the device "
+            f"(models {_models_found(layout.models)})"
         )
+    needed = pdef.offset + pdef.size - HEADER_REGISTERS
+    if needed > layout.lengths[key]:
+        raise DeviceLayoutError(
+            f"{where}: model {reg.model} on the device is shorter than the profile needs "
+            f"(L={layout.lengths[key]}; point {reg.point} needs L>={needed})"
+        )
+    rtype, invalid = _TYPES[pdef.sunspec_type]
+    return RegRef(Table.HOLDING, layout.models[key] + pdef.offset, rtype, "big", invalid), pdef
+
+
+def _point_def(reg: SunSpecRegister, where: str) -> PointDef:
+    """The definition of a profile point; :class:`ProfileError` for a point the model lacks."""
     points = model_points(reg.model)
     if reg.point not in points:
         raise ProfileError(where, [f"model {reg.model} has no fixed point {reg.point!r}"])
     pdef = points[reg.point]
-    if pdef.offset + pdef.size > layout.lengths[key] + 2:
-        raise ProfileError(where, [f"point {reg.point} lies beyond the device's model {reg.model} length"])
     if pdef.sunspec_type not in _TYPES:
         raise ProfileError(where, [f"point {reg.point} has unsupported type {pdef.sunspec_type}"])
-    rtype, invalid = _TYPES[pdef.sunspec_type]
-    return RegRef(Table.HOLDING, layout.models[key] + pdef.offset, rtype, "big", invalid), pdef
+    return pdef
+
+
+def check_profile(profile: SunSpecProfile) -> list[str]:
+    """Problems of a sunspec profile that no device can fix (unknown models, points, types).
+
+    Run when the profile is loaded, so that such a mistake stops the agent at start-up with the key
+    that is wrong; what remains for discovery is what the device itself says.
+    """
+    problems: list[str] = []
+    registers: list[tuple[str, SunSpecRegister]] = []
+    for name, spec in profile.points.items():
+        if isinstance(spec, Constant):
+            continue
+        registers.append((f"points.{name}", spec))
+    for name, loc in profile.locations.items():
+        registers.extend((f"locations.{name}", r) for r in loc.registers)
+    registers.extend((f"alarms.{n}", b) for n, b in profile.alarms.items())
+    registers.extend((f"warnings.{n}", b) for n, b in profile.warnings.items())
+    if profile.contactor is not None:
+        registers.append(("contactor", profile.contactor))
+    for where, reg in registers:
+        try:
+            pdef = _point_def(reg, where)
+            if pdef.sf is not None and where.startswith("points."):
+                _point_def(SunSpecRegister(model=reg.model, point=pdef.sf, instance=reg.instance),
+                           f"{where} scale factor")
+        except ProfileError as exc:
+            problems.extend(f"{exc.source}: {p}" for p in exc.problems)
+    return problems
 
 
 def sunspec_plan(profile: SunSpecProfile, layout: SunSpecLayout) -> RegisterPlan:
