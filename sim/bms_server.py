@@ -10,6 +10,9 @@ How the faults are made, in pymodbus 3.16 terms:
 * **no answer** and **corrupt CRC** act on the outgoing bytes through the server's ``trace_packet``
   callback: it returns ``b""`` (the transport writes nothing, so the client sees true silence) or the
   frame with both CRC bytes inverted (RTU only: the client receives a full-length frame and drops it).
+* **short read**: the same callback cuts registers off the end of a read's answer and fixes the
+  frame around them (byte count, MBAP length or RTU CRC), so the answer is well-formed but short.
+* **SunSpec layout**: the hook serves the variant of the SunSpec image the faults name.
 
 On CAN, "no answer" silences the broadcast; the other link faults are Modbus-only.
 """
@@ -27,6 +30,7 @@ from typing import Any, Self
 import can
 from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerType
+from pymodbus.framer.rtu import FramerRTU
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.server.base import ModbusBaseServer
 from pymodbus.simulator import DataType, SimData, SimDevice
@@ -49,6 +53,9 @@ CAN_SEND_TIMEOUT_S = 0.05
 # Bounded waits on the way down: a peer that never lets go must not hang stop().
 STOP_DEADLINE_S = 2.0
 CRC_BYTES = 2
+READ_FUNCTION_CODES = (3, 4)  # read holding / input registers
+MBAP_BYTES = 7  # transaction id, protocol id, length, unit id
+MBAP_LENGTH_AT = 4  # the MBAP length field: bytes after it (unit id + PDU)
 
 
 class SimulatorError(Exception):
@@ -71,6 +78,25 @@ def quiet_pymodbus_logging(level: int = logging.CRITICAL) -> None:
     Process-wide, so it is for entry points (the CLI, a test fixture), not for library code.
     """
     logging.getLogger("pymodbus").setLevel(level)
+
+
+def shorten_read_answer(frame: bytes, registers: int, *, rtu: bool) -> bytes:
+    """A read-registers answer with its last ``registers`` registers cut off, still well-formed.
+
+    Anything that is not a normal FC3/FC4 answer (an exception, a write echo) is returned unchanged.
+    """
+    pdu_at = 1 if rtu else MBAP_BYTES
+    if len(frame) < pdu_at + 2 or frame[pdu_at] not in READ_FUNCTION_CODES:
+        return frame
+    byte_count = frame[pdu_at + 1]
+    kept = max(0, byte_count - 2 * registers)
+    data_at = pdu_at + 2
+    pdu = frame[pdu_at:pdu_at + 1] + bytes([kept]) + frame[data_at:data_at + kept]
+    if rtu:
+        head = frame[:1] + pdu
+        return head + FramerRTU.compute_CRC(head).to_bytes(CRC_BYTES, "big")
+    mbap = frame[:MBAP_LENGTH_AT] + (1 + len(pdu)).to_bytes(2, "big") + frame[MBAP_LENGTH_AT + 2:MBAP_BYTES]
+    return mbap + pdu
 
 
 def invert_crc(frame: bytes) -> bytes:
@@ -119,6 +145,8 @@ class SimulatedBms:
         self.endpoints: list[str] = []
         self.can_frames_sent = 0
         self.can_send_errors = 0
+        # Register reads that reached this device's registers (a witness of how often a client asks).
+        self.register_reads = 0
         self._servers: list[ModbusBaseServer] = []
         self._buses: list[can.BusABC] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -259,7 +287,9 @@ class SimulatedBms:
         # Built apart from the flat map: a SunSpec image costs ~8x more, and a client reads one map.
         key = (self.model.revision, self.faults.version)
         if key != self._image_key:
-            self._sunspec = sunspec_image(self.model.snapshot(), self.config, self.identity)
+            self._sunspec = sunspec_image(
+                self.model.snapshot(), self.config, self.identity, self.faults.snapshot().sunspec_layout
+            )
             self._image_key = key
         return self._sunspec
 
@@ -274,6 +304,8 @@ class SimulatedBms:
     ) -> ExcCodes | None:
         """SimDevice hook, run by pymodbus before it answers any request for this device."""
         faults = self.faults.snapshot()
+        if function_code in READ_FUNCTION_CODES:
+            self.register_reads += 1
         if faults.delay_ms > 0:
             task = asyncio.current_task()
             if task is not None:
@@ -301,6 +333,8 @@ class SimulatedBms:
         faults = self.faults.snapshot()
         if faults.no_answer or (rtu and data[:1] != bytes([self.device_id])):
             return b""
+        if faults.short_read_registers:
+            data = shorten_read_answer(data, faults.short_read_registers, rtu=rtu)
         if rtu and faults.corrupt_crc:
             return invert_crc(data)
         return data

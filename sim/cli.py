@@ -17,7 +17,7 @@ from shared.config import ConfigError
 from shared.models import PROTECTION_FLAG_NAMES
 from sim.battery import SimRackConfig
 from sim.bms_server import SimStartError, SimulatedBms, quiet_pymodbus_logging
-from sim.faults import EXCEPTION_CODES, FaultError
+from sim.faults import EXCEPTION_CODES, LAYOUTS, FaultError, SunSpecLayout
 from sim.scenario import Scenario, load_scenario, run_scenario
 
 EXIT_OK = 0
@@ -66,6 +66,10 @@ def add_bms_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     faults.add_argument("--corrupt-crc", action="store_true", help="send RTU answers with a wrong CRC")
     faults.add_argument("--exception-code", type=int, choices=EXCEPTION_CODES, metavar="CODE",
                         help="answer every Modbus request with this exception code")
+    faults.add_argument("--short-read", type=int, default=0, metavar="N",
+                        help="answer register reads with N registers fewer than asked")
+    faults.add_argument("--sunspec-layout", choices=LAYOUTS, default=SunSpecLayout.STANDARD.value,
+                        help=f"serve this SunSpec map (default standard); one of: {', '.join(LAYOUTS)}")
     parser.set_defaults(handler=run_bms)
 
 
@@ -103,6 +107,8 @@ def _apply_faults(bms: SimulatedBms, args: argparse.Namespace) -> None:
     f.set_no_answer(args.no_answer)
     f.set_corrupt_crc(args.corrupt_crc)
     f.set_exception(args.exception_code)
+    f.set_short_read(args.short_read)
+    f.set_sunspec_layout(args.sunspec_layout)
 
 
 async def _start(bms: SimulatedBms, index: int, args: argparse.Namespace) -> None:

@@ -6,7 +6,10 @@ Two families live here:
   a widened cell-voltage spread, injected alarm/warning flags, an open contactor.
   :class:`sim.battery.BatteryModel` reads them.
 * **Link faults** change how the Modbus server answers: slow answers, no answer at all,
-  corrupted RTU CRC, Modbus exception responses. :class:`sim.bms_server.SimulatedBms` reads them.
+  corrupted RTU CRC, Modbus exception responses, answers with fewer registers than asked.
+  :class:`sim.bms_server.SimulatedBms` reads them.
+* **Layout faults** change the SunSpec register map a device shows (:class:`SunSpecLayout`): what
+  a device with odd firmware serves. :func:`sim.registers.sunspec_image` reads them.
 
 :class:`Faults` is an immutable value; :class:`FaultState` is the small mutable holder
 that tests and scenarios poke at run time. Readers take one :meth:`FaultState.snapshot`
@@ -18,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from pymodbus.constants import ExcCodes
 
@@ -29,7 +33,22 @@ MAX_DELAY_MS = 60_000
 MAX_IMBALANCE_MV = 2_000.0
 MAX_OVER_TEMPERATURE_C_PER_S = 100.0
 
+MAX_SHORT_READ_REGISTERS = 125  # the most registers one Modbus read can ask for
+
 EXCEPTION_CODES: tuple[int, ...] = tuple(int(code) for code in ExcCodes)
+
+
+class SunSpecLayout(StrEnum):
+    """The SunSpec map a device serves at 40000; every variant keeps the image's length."""
+
+    STANDARD = "standard"  # SunS, common model 1, 802, 803, end marker
+    NO_MARKER = "no_marker"  # the SunS marker is missing (zeros)
+    SHORT_802 = "short_802"  # an older 802 without its scale factors (L=50 instead of 62)
+    NO_803 = "no_803"  # the chain ends after 802: no lithium-ion bank model (no temperatures)
+    NO_END = "no_end"  # the end marker is replaced by a model header: the chain runs off the map
+
+
+LAYOUTS: tuple[str, ...] = tuple(layout.value for layout in SunSpecLayout)
 
 
 class FaultError(ValueError):
@@ -55,6 +74,9 @@ class Faults:
     no_answer: bool = False
     corrupt_crc: bool = False
     exception_code: int | None = None
+    # Answers to register reads carry this many registers fewer than asked (0 = as many as asked).
+    short_read_registers: int = 0
+    sunspec_layout: SunSpecLayout = SunSpecLayout.STANDARD
 
     @property
     def healthy(self) -> bool:
@@ -77,6 +99,14 @@ def check_exception_code(code: int) -> ExcCodes:
             f"Modbus exception code {code} is not one pymodbus can send",
             choices=tuple(f"{int(c)} ({c.name})" for c in ExcCodes),
         ) from None
+
+
+def check_layout(name: str) -> SunSpecLayout:
+    """The :class:`SunSpecLayout` called ``name``, or :class:`FaultError` listing the layouts."""
+    try:
+        return SunSpecLayout(name)
+    except ValueError:
+        raise FaultError(f"unknown SunSpec layout {name!r}", choices=LAYOUTS) from None
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> float:
@@ -106,6 +136,8 @@ class FaultState:
                      MAX_OVER_TEMPERATURE_C_PER_S)
         _check_range("imbalance_mv", faults.imbalance_mv, 0.0, MAX_IMBALANCE_MV)
         _check_range("delay_ms", faults.delay_ms, 0, MAX_DELAY_MS)
+        _check_range("short_read_registers", faults.short_read_registers, 0, MAX_SHORT_READ_REGISTERS)
+        faults = dataclasses.replace(faults, sunspec_layout=check_layout(faults.sunspec_layout))
         for name in (*faults.alarms, *faults.warnings):
             check_flag(name)
         if faults.exception_code is not None:
@@ -161,6 +193,15 @@ class FaultState:
         if code is not None:
             code = int(check_exception_code(code))
         self._update(exception_code=code)
+
+    def set_short_read(self, registers: int) -> None:
+        """Answer register reads with ``registers`` fewer registers than asked (0 = complete answers)."""
+        self._update(short_read_registers=int(registers))
+
+    # -- layout faults ----------------------------------------------------------------------------
+    def set_sunspec_layout(self, layout: str) -> None:
+        """Serve the SunSpec map as ``layout`` (a :class:`SunSpecLayout` value; "standard" restores it)."""
+        self._update(sunspec_layout=check_layout(layout))
 
     def clear(self) -> None:
         """Remove every fault."""

@@ -17,6 +17,7 @@ from rack_agent.profiles.plan import NumericPoint, RegisterPlan, RegRef, encode_
 from rack_agent.profiles.spec import FlatProfile, RegisterType, SunSpecProfile, Table
 from rack_agent.profiles.sunspec import SUNS_MARKER, model_points
 from sim.battery import IDLE_CURRENT_A, MAX_CELL_V, NOMINAL_CELL_V, BatterySnapshot, SimRackConfig
+from sim.faults import SunSpecLayout
 
 FLAT_PROFILE = "acme_flat"
 SUNSPEC_PROFILE = "sunspec"
@@ -394,17 +395,30 @@ def _bank_model(snap: BatterySnapshot, v_sf: int) -> list[int]:
     return m.regs
 
 
-def sunspec_image(snap: BatterySnapshot, config: SimRackConfig, identity: Identity) -> list[int]:
-    """Holding registers from :data:`SUNSPEC_BASE_ADDRESS`: SunS, models 1, 802, 803, end marker."""
+SHORT_802_LENGTH = 50  # an 802 that ends before its scale factors (offsets 52..63)
+VENDOR_MODEL_ID = 64_999  # a vendor model (64000..65534): what NO_END puts where the end marker was
+
+
+def sunspec_image(
+    snap: BatterySnapshot,
+    config: SimRackConfig,
+    identity: Identity,
+    layout: SunSpecLayout = SunSpecLayout.STANDARD,
+) -> list[int]:
+    """Holding registers from :data:`SUNSPEC_BASE_ADDRESS`: SunS, models 1, 802, 803, end marker.
+
+    ``layout`` serves a broken variant instead (see :class:`sim.faults.SunSpecLayout`), always
+    :func:`sunspec_length` registers long (padded with zeros): the server's memory block is sized once.
+    """
     scales = Scales.for_rack(config)
-    return [
-        *SUNS_MARKER,
-        *_common_model(identity),
-        *_battery_model(snap, config, scales),
-        *_bank_model(snap, scales.v_sf),
-        END_MODEL_ID,
-        0,
-    ]
+    marker = list(SUNS_MARKER) if layout is not SunSpecLayout.NO_MARKER else [0, 0]
+    battery = _battery_model(snap, config, scales)
+    if layout is SunSpecLayout.SHORT_802:
+        battery = [802, SHORT_802_LENGTH, *battery[2:2 + SHORT_802_LENGTH]]
+    bank = _bank_model(snap, scales.v_sf) if layout is not SunSpecLayout.NO_803 else []
+    end = [END_MODEL_ID, 0] if layout is not SunSpecLayout.NO_END else [VENDOR_MODEL_ID, 0]
+    image = [*marker, *_common_model(identity), *battery, *bank, *end]
+    return image + [0] * (sunspec_length() - len(image))
 
 
 def sunspec_length() -> int:
@@ -412,4 +426,3 @@ def sunspec_length() -> int:
     headers = 2 * 3  # ID and L of models 1, 802, 803
     models = fixed_length(1) + fixed_length(802) + fixed_length(803) + STRING_GROUP_REGISTERS + headers
     return len(SUNS_MARKER) + models + 2
-

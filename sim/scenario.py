@@ -30,7 +30,9 @@ from sim.faults import (
     MAX_DELAY_MS,
     MAX_IMBALANCE_MV,
     MAX_OVER_TEMPERATURE_C_PER_S,
+    MAX_SHORT_READ_REGISTERS,
     FaultError,
+    SunSpecLayout,
     check_exception_code,
     check_flag,
 )
@@ -69,6 +71,8 @@ class _FaultSink(Protocol):
     def set_no_answer(self, enabled: bool = True) -> None: ...
     def set_corrupt_crc(self, enabled: bool = True) -> None: ...
     def set_exception(self, code: int | None) -> None: ...
+    def set_short_read(self, registers: int) -> None: ...
+    def set_sunspec_layout(self, layout: str) -> None: ...
     def clear(self) -> None: ...
 
 
@@ -196,6 +200,25 @@ class ModbusException(EventBase):
         target.faults.set_exception(self.code or None)
 
 
+class ShortRead(EventBase):
+    action: Literal["short_read"]
+    # 0 = answer with every register asked for again.
+    registers: Annotated[int, Field(ge=0, le=MAX_SHORT_READ_REGISTERS)]
+
+    def apply(self, target: Target) -> None:
+        target.faults.set_short_read(self.registers)
+
+
+class Layout(EventBase):
+    """Serve a broken SunSpec map (e.g. after a firmware update); "standard" restores it."""
+
+    action: Literal["sunspec_layout"]
+    layout: SunSpecLayout
+
+    def apply(self, target: Target) -> None:
+        target.faults.set_sunspec_layout(self.layout)
+
+
 class Current(EventBase):
     action: Literal["current"]
     amps: Annotated[float, Field(ge=-10_000, le=10_000, allow_inf_nan=False)]
@@ -206,7 +229,7 @@ class Current(EventBase):
 
 Event = Annotated[
     Clear | OverTemperature | Imbalance | Alarm | WarningFlag | ContactorOpen | ContactorClose
-    | Delay | NoAnswer | CorruptCrc | ModbusException | Current,
+    | Delay | NoAnswer | CorruptCrc | ModbusException | ShortRead | Layout | Current,
     Field(discriminator="action"),
 ]
 ACTIONS: tuple[str, ...] = tuple(

@@ -214,3 +214,14 @@ async def test_port_in_use_exits_1(launch: list[asyncio.subprocess.Process]) -> 
         _, err = await asyncio.wait_for(proc.communicate(), READY_TIMEOUT_S)
     assert proc.returncode == 1
     assert f"cannot start modbus tcp on 127.0.0.1:{port}" in err.decode()
+
+
+def test_layout_and_short_read_options(capsys: pytest.CaptureFixture[str]) -> None:
+    args = _parse()
+    assert (args.sunspec_layout, args.short_read) == ("standard", 0)
+    args = _parse("--sunspec-layout", "short_802", "--short-read", "3")
+    assert (args.sunspec_layout, args.short_read) == ("short_802", 3)
+    with pytest.raises(SystemExit) as caught:
+        _parse("--sunspec-layout", "upside_down")
+    assert caught.value.code == 2
+    assert "no_803" in capsys.readouterr().err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sim.faults import FaultError, Faults, FaultState
+from sim.faults import FaultError, Faults, FaultState, SunSpecLayout
 
 
 def test_setters_replace_the_snapshot_and_bump_the_version() -> None:
@@ -53,4 +53,21 @@ def test_exception_none_clears_it() -> None:
     state = FaultState(Faults(exception_code=4, no_answer=True))
     state.set_exception(None)
     state.set_no_answer(False)
+    assert state.snapshot().healthy
+
+
+def test_layout_and_short_read_are_validated_and_cleared() -> None:
+    state = FaultState()
+    state.set_sunspec_layout("no_803")
+    state.set_short_read(4)
+    snap = state.snapshot()
+    assert (snap.sunspec_layout, snap.short_read_registers) == (SunSpecLayout.NO_803, 4)
+    assert not snap.healthy
+    with pytest.raises(FaultError) as caught:
+        state.set_sunspec_layout("no_such_layout")
+    assert "short_802" in caught.value.choices
+    with pytest.raises(FaultError):
+        state.set_short_read(126)
+    assert state.snapshot() == snap
+    state.clear()
     assert state.snapshot().healthy

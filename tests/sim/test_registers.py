@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from rack_agent.errors import DeviceLayoutError, ModbusExceptionError
 from rack_agent.profiles import load_profile
 from rack_agent.profiles.plan import decode_measurements
 from rack_agent.profiles.spec import SunSpecProfile, Table
 from rack_agent.profiles.sunspec import discover, sunspec_plan
 from shared.models import ContactorState, RackMeasurements
 from sim.battery import BatteryModel, SimRackConfig
-from sim.faults import FaultState
+from sim.faults import FaultState, SunSpecLayout
 from sim.registers import (
+    SHORT_802_LENGTH,
     SUNSPEC_BASE_ADDRESS,
     Identity,
     Scales,
@@ -154,3 +156,38 @@ def test_flat_map_saturates_instead_of_failing_for_a_big_rack() -> None:
     assert snap.pack_voltage_v > 655.35
     assert decoded.pack_voltage_v == pytest.approx(655.35)
     assert decoded.contactor is ContactorState.CLOSED
+
+
+@pytest.mark.parametrize("layout", list(SunSpecLayout), ids=str)
+async def test_every_layout_keeps_the_image_length_and_shows_its_defect(layout: SunSpecLayout) -> None:
+    model = BatteryModel()
+    words = sunspec_image(model.snapshot(), model.config, Identity(), layout)
+    assert len(words) == sunspec_length()  # the server's memory block is sized once
+
+    async def read(address: int, count: int) -> list[int]:
+        start = address - SUNSPEC_BASE_ADDRESS
+        if start + count > len(words):
+            raise ModbusExceptionError("past the map", code=2)
+        return words[start:start + count]
+
+    if layout is SunSpecLayout.STANDARD:
+        assert sorted((await discover(read, (SUNSPEC_BASE_ADDRESS,))).models) == [(1, 0), (802, 0), (803, 0)]
+        return
+    if layout is SunSpecLayout.NO_MARKER:
+        with pytest.raises(DeviceLayoutError, match="no SunS marker"):
+            await discover(read, (SUNSPEC_BASE_ADDRESS,))
+        return
+    if layout is SunSpecLayout.NO_END:
+        with pytest.raises(DeviceLayoutError, match="without an end marker"):
+            await discover(read, (SUNSPEC_BASE_ADDRESS,))
+        return
+    found = await discover(read, (SUNSPEC_BASE_ADDRESS,))
+    if layout is SunSpecLayout.SHORT_802:
+        assert found.lengths[(802, 0)] == SHORT_802_LENGTH
+        assert (803, 0) in found.models
+    else:
+        assert sorted(found.models) == [(1, 0), (802, 0)]
+    profile = load_profile("sunspec")
+    assert isinstance(profile, SunSpecProfile)
+    with pytest.raises(DeviceLayoutError):
+        sunspec_plan(profile, found)

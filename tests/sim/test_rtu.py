@@ -13,7 +13,7 @@ from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.exceptions import ModbusIOException
 from pymodbus.framer import FramerRTU
 
-from sim.bms_server import SimStartError, SimulatedBms, invert_crc
+from sim.bms_server import SimStartError, SimulatedBms, invert_crc, shorten_read_answer
 from tests.sim.helpers import quiet_pymodbus
 
 CLIENT_TIMEOUT_S = 0.25
@@ -143,3 +143,28 @@ async def test_missing_device_is_a_typed_start_error(tmp_path: Path) -> None:
         with pytest.raises(SimStartError) as caught:
             await bms.start_rtu(str(tmp_path / "no-such-tty"))
         assert caught.value.transport == "modbus rtu"
+
+
+async def test_short_read_over_rtu_has_a_valid_crc(
+    rig: tuple[SimulatedBms, AsyncModbusSerialClient, RxCounter],
+) -> None:
+    bms, client, rx = rig
+    bms.faults.set_short_read(2)
+    response = await client.read_holding_registers(0, count=6, device_id=1)
+    assert not response.isError()
+    assert len(response.registers) == 4
+    assert rx.rx_bytes == 3 + 2 * 4 + 2
+
+
+def test_shorten_read_answer_fixes_byte_count_length_and_crc() -> None:
+    body = bytes([1, 3, 6, 0, 1, 0, 2, 0, 3])
+    rtu = body + FramerRTU.compute_CRC(body).to_bytes(2, "big")
+    cut = shorten_read_answer(rtu, 1, rtu=True)
+    assert cut[:7] == bytes([1, 3, 4, 0, 1, 0, 2])
+    assert FramerRTU.check_CRC(cut[:-2], int.from_bytes(cut[-2:], "big"))
+    tcp = bytes([0, 9, 0, 0, 0, 9, 1]) + body[1:]
+    assert shorten_read_answer(tcp, 2, rtu=False) == bytes([0, 9, 0, 0, 0, 5, 1, 3, 2, 0, 1])
+    # More registers cut than the answer holds: an empty (still well-formed) answer.
+    assert shorten_read_answer(tcp, 9, rtu=False) == bytes([0, 9, 0, 0, 0, 3, 1, 3, 0])
+    exception = bytes([1, 0x83, 2])
+    assert shorten_read_answer(exception + b"\0\0", 1, rtu=True) == exception + b"\0\0"

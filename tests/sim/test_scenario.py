@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from sim.bms_server import SimulatedBms
-from sim.faults import Faults
+from sim.faults import Faults, SunSpecLayout
 from sim.scenario import ACTIONS, Scenario, ScenarioError, load_scenario, parse_scenario, run_scenario
 
 
@@ -30,6 +30,8 @@ def _one(**event: Any) -> Scenario:
         ({"action": "no_answer"}, Faults(no_answer=True)),
         ({"action": "corrupt_crc"}, Faults(corrupt_crc=True)),
         ({"action": "exception", "code": 6}, Faults(exception_code=6)),
+        ({"action": "short_read", "registers": 2}, Faults(short_read_registers=2)),
+        ({"action": "sunspec_layout", "layout": "no_803"}, Faults(sunspec_layout=SunSpecLayout.NO_803)),
     ],
 )
 def test_each_fault_action_sets_exactly_its_fault(event: dict[str, Any], expected: Faults) -> None:
@@ -47,6 +49,8 @@ def test_each_fault_action_sets_exactly_its_fault(event: dict[str, Any], expecte
         ({"action": "no_answer", "enabled": False}, Faults(no_answer=True)),
         ({"action": "exception", "code": 0}, Faults(exception_code=4)),
         ({"action": "over_temperature", "rate_c_per_s": 0}, Faults(over_temperature_c_per_s=1.0)),
+        ({"action": "short_read", "registers": 0}, Faults(short_read_registers=5)),
+        ({"action": "sunspec_layout", "layout": "standard"}, Faults(sunspec_layout=SunSpecLayout.NO_END)),
     ],
 )
 def test_undo_actions(undo: dict[str, Any], before: Faults) -> None:

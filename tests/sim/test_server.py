@@ -242,3 +242,33 @@ def test_constructor_refuses_bad_arguments() -> None:
         SimulatedBms(device_id=0)
     with pytest.raises(ValueError, match="update_period_s"):
         SimulatedBms(update_period_s=0.0)
+
+
+async def test_short_read_answers_fewer_registers_in_a_well_formed_frame(
+    sim: tuple[SimulatedBms, int], client: AsyncModbusTcpClient
+) -> None:
+    sim[0].faults.set_short_read(3)
+    short = await client.read_holding_registers(0, count=10, device_id=1)
+    assert not short.isError()
+    assert len(short.registers) == 7
+    assert sim[0].register_reads == 1
+    # Exceptions are left alone, and the connection still carries whole frames afterwards.
+    gap = await client.read_holding_registers(100, count=2, device_id=1)
+    assert gap.isError() and gap.exception_code == 2
+    sim[0].faults.set_short_read(0)
+    assert len((await client.read_holding_registers(0, count=10, device_id=1)).registers) == 10
+
+
+@pytest.mark.parametrize(
+    ("layout", "first_registers"),
+    [
+        ("standard", [0x5375, 0x6E53, 1, 66]),
+        ("no_marker", [0, 0, 1, 66]),
+    ],
+)
+async def test_sunspec_layout_fault_changes_the_map_served(
+    sim: tuple[SimulatedBms, int], client: AsyncModbusTcpClient, layout: str, first_registers: list[int]
+) -> None:
+    sim[0].faults.set_sunspec_layout(layout)
+    response = await client.read_holding_registers(40000, count=4, device_id=1)
+    assert response.registers == first_registers
