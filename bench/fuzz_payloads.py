@@ -11,9 +11,9 @@ The fuzz: ``--count`` payloads from ``random.Random(--seed)``, sent over one raw
 controller and the agents subscribe to (rack telemetry wildcard, the leader record; the agents
 subscribe to nothing today) and to those somebody may listen to tomorrow (rack status, controller
 status, cluster state, cmd), plus odd rack levels under the telemetry wildcard. Mutation kinds:
-see ``KINDS``. The bytes sent depend only on the seed, the count and ``--epoch`` (the wall time
-the payloads' stamps are relative to; printed, pass it back to replay the same bytes): the digest
-of every (topic, payload) is printed to show it.
+see ``KINDS``. The bytes sent depend only on the seed, ``--rate`` and ``--epoch`` (the wall time
+the payloads' stamps are relative to, as each is stamped when it is due; printed, pass it back to
+replay the same bytes): the digest of every (topic, payload, retain) is printed to show it.
 
 What a mutation may not test: a payload the contract accepts *is* a rack speaking (the broker's ACLs,
 not the controller, keep impostors out; deploy/README.md). Such a payload sent on a roster rack's
@@ -25,7 +25,9 @@ the controller must refuse it, and a 0x351 above the allowance is how we would s
 Verdict (printed, and written as JSON to ``--json``): the controller's exit status (crash), the
 highest CCL/DCL on the bus against what the genuine racks allow under the configured policy (worst
 excess, expected 0), the longest silence on 0x351, the rejection counters, RSS before/after, the log
-bytes written per rejected payload, and whether the racks' genuine streams are heard again after it.
+bytes written per rejected payload, whether the racks' genuine streams are granted in full again
+after it, and (failover on) whether the controller, frozen for a second after the fuzz, takes over
+again and grants: a leader record it took during the fuzz must not break that takeover.
 
 Run: ``.venv/bin/python bench/fuzz_payloads.py --seed 1 --count 100000`` (about 2–3 minutes at the
 default rate).
@@ -159,7 +161,6 @@ class Mutator:
         self.rate = rate
         self.index = 0
         self.racks = racks
-        self.by_id = {r.rack_id: r for r in racks}
         self.site = site
         self.topics = Topics(prefix, site)
         self.other_site = Topics(prefix, site + "-other")
