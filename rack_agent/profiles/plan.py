@@ -210,6 +210,16 @@ def _location(name: str, point: LocationPoint, image: RegisterImage) -> str:
     return text
 
 
+def _optional_location(name: str, point: LocationPoint, image: RegisterImage) -> str:
+    """The location, or "" when the device does not give it: where the highest cell sits is context
+    for an operator, never a reason to lose a reading's limits. SunSpec marks these points optional,
+    and devices leave them "not implemented"."""
+    try:
+        return _location(name, point, image)
+    except InvalidDataError:
+        return ""
+
+
 def _bit(point: BitPoint, image: RegisterImage) -> bool:
     raw = _integer(point.ref, read_raw(point.ref, image))
     return bool((raw >> point.bit) & 1)
@@ -231,7 +241,7 @@ def decode_measurements(
     if invert_current:
         values["current_a"] = -float(values["current_a"])  # type: ignore[arg-type]
     for name, loc in plan.locations.items():
-        values[name] = _location(name, loc, image)
+        values[name] = _optional_location(name, loc, image)
     values["alarms"] = ProtectionFlags(**{name: _bit(p, image) for name, p in plan.alarms.items()})
     values["warnings"] = ProtectionFlags(**{name: _bit(p, image) for name, p in plan.warnings.items()})
     if plan.contactor is not None:

@@ -141,10 +141,13 @@ def test_hostile_values_are_refused_not_raised(flat_plans: tuple[RegisterPlan, .
     base = {(Table.HOLDING, a): 0 for a in range(33)}
     # An f32 NaN or infinity where a bit, a contactor value or a location number is read (int() of
     # them raises ValueError / OverflowError).
-    for address, high_word in ((26, 0x7FC0), (31, 0x7F80), (21, 0xFF80)):
+    for address, high_word in ((26, 0x7FC0), (31, 0x7F80)):
         image = {**base, (Table.HOLDING, address): high_word}
         with pytest.raises(InvalidDataError, match="not a number"):
             decode_measurements(hostile, image, capacity_ah=1.0)
+    # A location is context, not a limit: one the device cannot give is left blank.
+    located = decode_measurements(hostile, {**base, (Table.HOLDING, 21): 0xFF80}, capacity_ah=1.0)
+    assert located.cell_voltage_min_location == ""
     # A register beyond 16 bits is not something a device can have said.
     with pytest.raises(InvalidDataError, match="not 16 bits"):
         decode_measurements(hostile, {**base, (Table.HOLDING, 28): 0x1_0000}, capacity_ah=1.0)

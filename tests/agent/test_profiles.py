@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,19 @@ def test_not_available_marker_is_invalid_data() -> None:
     image[(Table.HOLDING, 8)] = 0xFFFF
     with pytest.raises(InvalidDataError, match="not-available"):
         decode_measurements(plan, image)
+
+
+def test_a_location_the_device_does_not_give_is_blank_not_a_lost_reading() -> None:
+    plan = flat_plan(load_profile("acme_flat"))  # type: ignore[arg-type]
+    where = plan.locations["cell_voltage_max_location"]
+    marked = replace(where, refs=tuple(replace(r, invalid_raw=frozenset({0xFFFF})) for r in where.refs))
+    plan = replace(plan, locations={**plan.locations, "cell_voltage_max_location": marked})
+    image = _acme_image()
+    image[(Table.HOLDING, 5)] = 0xFFFF  # "not implemented"
+    m = decode_measurements(plan, image)
+    assert m.cell_voltage_max_location == ""
+    assert m.charge_current_limit_a == pytest.approx(150.0)
+    assert m.cell_voltage_min_location == "cell 0"
 
 
 def test_physically_impossible_value_is_invalid_data() -> None:
