@@ -62,6 +62,16 @@ class _ServiceCollector(Collector):
                                  labels=["role"])
         role.add_metric([s.role.value], 1.0)
         yield role
+        yield GaugeMetricFamily(
+            "bmslink_controller_foreign_transmitter",
+            "1 while limits frames from a node that is not a bmslink controller are heard (an alarm)",
+            value=1.0 if s.foreign_transmitter else 0.0,
+        )
+        yield CounterMetricFamily(
+            "bmslink_controller_foreign_transmitter_detections",
+            "Times the foreign-transmitter alarm rose (its frames: can event foreign_limits_frames)",
+            value=s.foreign.detections,
+        )
         state = s.last_sent
         if state is None:
             return

@@ -660,6 +660,11 @@ class ControllerService:
         self.mqtt.publish(self._status_topic, encode(status), qos=1, retain=True)
 
     @property
+    def foreign_transmitter(self) -> bool:
+        """The foreign-transmitter alarm is raised (limits frames no bmslink controller accounts for)."""
+        return self.foreign.raised(self._monotonic())
+
+    @property
     def role(self) -> Role:
         return self.roles.role if self.roles is not None else Role.ACTIVE
 
