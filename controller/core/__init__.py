@@ -9,6 +9,7 @@ One job per module, each documented in its docstring:
 - ``classify``: rack states and their precedence, staleness;
 - ``faults``: fault arbitration by direction, alarm latching and the clear command;
 - ``admission``: quorum, re-admission hold and share ramp, cold start;
+- ``isolation``: a rack lost from sight while in parallel held at its last limits until known out;
 - ``derates``: per-rack thermal rate-of-rise derate and cell-voltage taper (``tables``: the
   piecewise-linear tables and their hysteresis);
 - ``policies``: the aggregation table (one row per consolidated quantity) and the CCL/DCL

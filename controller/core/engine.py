@@ -13,8 +13,10 @@ The cycle, each step in its own module:
    update its alarm latches (``faults``), classify it (``classify.classify``: stale >
    invalid > comm_lost > faulted > disconnected > ok), admit it (``admission``: hold, then
    share ramp), derate its own limits (``derates``: thermal rate-of-rise and cell taper, per
-   rack);
-2. every consolidated quantity from the aggregation table (``policies``);
+   rack), hold it at its last limits if it was in parallel and is lost from sight
+   (``isolation``);
+2. every consolidated quantity from the aggregation table (``policies``); CCL and DCL also with
+   each held rack added, the lowest standing (``policies.lowest_with_held``);
 3. the bank CCL/DCL: zeroing rules (quorum, latched alarms of that direction, a rack in
    parallel at 0 A), the configured maximum and the frame range, the slew (``slew``), 0.1 A
    rounding (``bounds``);
@@ -55,7 +57,8 @@ from controller.core.faults import (
     latched_flags,
     update_latches,
 )
-from controller.core.policies import NO_FLAGS, Member, Members, Pick, Population, table
+from controller.core.isolation import Isolation, isolate, isolation_s
+from controller.core.policies import NO_FLAGS, Member, Members, Pick, Population, lowest_with_held, table
 from controller.core.policies import member as make_member
 from controller.core.provenance import limit_reason, rack_reason
 from controller.core.slew import slew
@@ -66,6 +69,11 @@ from shared.models import CURRENT_ABS_MAX_A, ProtectionFlags
 
 # CVL from a rack below this is no usable ceiling (a BMS saying 0 V means "do not charge").
 CVL_USABLE_MIN_V = 0.1
+# The rows a held rack (``isolation``) takes part in, at its last limits, and the column each reads.
+CURRENT_ROWS = MappingProxyType({
+    "charge_current_limit_a": "charge_limit_a",
+    "discharge_current_limit_a": "discharge_limit_a",
+})
 
 
 def _no_racks() -> Mapping[str, RackMemory]:
@@ -79,6 +87,10 @@ class RackMemory(NamedTuple):
     ok_since_s: float | None = None
     latches: Mapping[str, Latch] = NO_LATCHES
     derate: DerateMemory = DerateMemory()
+    # The rack's member of its latest ok cycle while it is in parallel or held, and when it was
+    # first found lost since (``isolation``).
+    in_parallel: Member | None = None
+    lost_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +129,7 @@ class _Rack(NamedTuple):
     admission: Admission
     derate: Derate
     member: Member | None  # set when reporting
+    isolation: Isolation
     memory: RackMemory
 
 
@@ -152,8 +165,25 @@ def _rack_cycle(
             charge_notes=derate.charge_notes,
             discharge_notes=derate.discharge_notes,
         )
-    memory = RackMemory(ok_since_s=admission.ok_since_s, latches=latches, derate=derate_memory)
-    return _Rack(roster_rack.rack_id, reading, state, state_reason, admission, derate, member, memory)
+    isolation = isolate(
+        roster_rack.rack_id,
+        state,
+        member if is_ok else None,
+        last_in_parallel=previous.in_parallel,
+        lost_s=previous.lost_s,
+        now_s=now_s,
+        isolation_time_s=isolation_s(roster_rack, agg),
+    )
+    memory = RackMemory(
+        ok_since_s=admission.ok_since_s,
+        latches=latches,
+        derate=derate_memory,
+        in_parallel=isolation.last_in_parallel,
+        lost_s=isolation.lost_s,
+    )
+    return _Rack(
+        roster_rack.rack_id, reading, state, state_reason, admission, derate, member, isolation, memory
+    )
 
 
 class _Entry(NamedTuple):
@@ -173,7 +203,8 @@ class _Entry(NamedTuple):
     The thermal window ends at the rack's newest sample (``derates``): it moves with inputs only.
 
     ``reusable`` is False when the outcome moves with time alone: a stale rack's reason states
-    its age, a rack in its hold or ramp changes share.
+    its age, a rack in its hold or ramp changes share, a held lost rack (``isolation``) is
+    released when its isolation time has passed (and its reason counts down to it).
     """
 
     given: RackInput | None
@@ -187,6 +218,7 @@ class _Entry(NamedTuple):
     ok_since_s: float | None
     full_at_s: float
     parallel_member: Member | None  # the rack's member when it is in parallel (state ok)
+    held_member: Member | None  # its last member in parallel while it is held (isolation)
 
 
 _RACK = attrgetter("rack")
@@ -210,6 +242,9 @@ class _Tally:
     reporting: Members
     parallel_at: Mapping[str, int]  # rack id → index in parallel.members
     reporting_at: Mapping[str, int]
+    held: tuple[Member, ...]  # lost racks held at their last limits (isolation), roster order
+    held_notes: tuple[str, ...]  # their reasons, in the same order
+    held_at: Mapping[str, int]  # rack id → index in held
     eligible: int
     latches_by_rack: tuple[tuple[str, Mapping[str, Latch]], ...]
     charge_blocks: tuple[Block, ...]
@@ -226,11 +261,15 @@ def _tally(entries: Mapping[str, _Entry]) -> _Tally:
     # Parallel: ok racks (which always carry a member); reporting: every rack with a member.
     parallel = [e for e in outcomes if e.parallel_member is not None]
     reporting = [r for r in racks if r.member is not None]
+    held = [e for e in outcomes if e.held_member is not None]
     return _Tally(
         parallel=Members(list(map(_PARALLEL_MEMBER, parallel))),
         reporting=Members(list(map(_MEMBER, reporting))),
         parallel_at={e.rack.rack_id: i for i, e in enumerate(parallel)},
         reporting_at={r.rack_id: i for i, r in enumerate(reporting)},
+        held=tuple(e.held_member for e in held if e.held_member is not None),
+        held_notes=tuple(e.rack.isolation.note for e in held),
+        held_at={e.rack.rack_id: i for i, e in enumerate(held)},
         eligible=sum(map(_ELIGIBLE, racks)),
         # Racks with nothing latched add nothing to the blocks nor to the latched set.
         latches_by_rack=tuple((r.rack_id, r.memory.latches) for r in racks if r.memory.latches),
@@ -253,6 +292,8 @@ def _patched(
     test in tests/controller/core/test_cache.py compares them cycle by cycle)."""
     parallel: list[tuple[int, Member]] = []
     reporting: list[tuple[int, Member]] = []
+    held = list(tally.held)
+    held_notes = list(tally.held_notes)
     eligible = tally.eligible
     views = list(tally.views)
     memories = dict(tally.memories)
@@ -263,6 +304,7 @@ def _patched(
             old is None
             or (old.parallel_member is None) != (new.parallel_member is None)
             or (old.rack.member is None) != (new.rack.member is None)
+            or (old.held_member is None) != (new.held_member is None)
             or old.rack.memory.latches
             or new.rack.memory.latches
         ):
@@ -271,6 +313,9 @@ def _patched(
             parallel.append((tally.parallel_at[rack_id], new.parallel_member))
         if new.rack.member is not None:
             reporting.append((tally.reporting_at[rack_id], new.rack.member))
+        if new.held_member is not None:
+            at = tally.held_at[rack_id]
+            held[at], held_notes[at] = new.held_member, new.rack.isolation.note
         eligible += new.rack.admission.eligible - old.rack.admission.eligible
         views[roster_at[rack_id]] = new.view
         memories[rack_id] = new.rack.memory
@@ -279,6 +324,9 @@ def _patched(
         reporting=tally.reporting.patched(reporting),
         parallel_at=tally.parallel_at,
         reporting_at=tally.reporting_at,
+        held=tuple(held),
+        held_notes=tuple(held_notes),
+        held_at=tally.held_at,
         eligible=eligible,
         latches_by_rack=tally.latches_by_rack,  # no recomputed rack holds or held a latch
         charge_blocks=tally.charge_blocks,
@@ -334,6 +382,8 @@ def _entry(
             reusable = False
         else:
             fresh_received_s, stale_limit_s = received_s, stale_after_s(roster_rack, telemetry)
+    if rack.isolation.held is not None:
+        reusable = False
     ok_since_s = None
     if rack.state is RackState.OK:
         a = rack.admission
@@ -343,7 +393,7 @@ def _entry(
             reusable = False
     parallel_member = rack.member if rack.state is RackState.OK else None
     return _Entry(given, rack, view, charge_blocks, discharge_blocks, reusable, fresh_received_s,
-                  stale_limit_s, ok_since_s, now_s, parallel_member)
+                  stale_limit_s, ok_since_s, now_s, parallel_member, rack.isolation.held)
 
 
 class Prepared(NamedTuple):
@@ -426,6 +476,7 @@ def _bank_limit(
     previous_a: float,
     elapsed_s: float,
     rate_a_per_s: float,
+    held_notes: Sequence[str],
 ) -> _Limit:
     if pick is not None and pick.forced_zero:
         zero_reasons = [*zero_reasons, pick.detail]
@@ -441,6 +492,7 @@ def _bank_limit(
         capped_at_a=maximum_a if wanted > maximum_a else None,
         rising_to_a=target if slewed < target else None,
         rate_a_per_s=rate_a_per_s,
+        held=held_notes,
     )
     return _Limit(out_a, slewed, reason)
 
@@ -545,11 +597,12 @@ def step(
 
     ``inputs_only`` (an urgent cycle, run the moment a payload may lower a limit): a rack whose
     input is the one of the last cycle keeps that cycle's outcome even where time alone would
-    move it (staleness, hold and ramp progress). Those wait for the next full cycle, a control
+    move it (staleness, hold and ramp progress, the release of a lost rack's hold when its
+    isolation time passes: ``isolation``). Those wait for the next full cycle, a control
     tick away; the urgent one costs the changed racks plus one pass over the table instead of a
     re-evaluation of every rack that time touched. It can only be as permissive as the last full
     cycle was, lowered by the new inputs: a rack going stale was already counted there, and a
-    share frozen mid-ramp is the lower one.
+    share frozen mid-ramp, like a hold kept past its expiry, is the lower one.
     """
     agg = config.aggregation
     elapsed_s = 0.0 if memory.last_now_s is None else max(0.0, now_s - memory.last_now_s)
@@ -645,7 +698,20 @@ def step(
         Population.PARALLEL: tally.parallel,
         Population.REPORTING: tally.reporting,
     }
-    picks = {name: rule.combine(populations[rule.population]) for name, rule in table(agg).items()}
+    rules = table(agg)
+    picks = {name: rule.combine(populations[rule.population]) for name, rule in rules.items()}
+    held_notes = tally.held_notes
+    if tally.held:
+        # A lost rack may still be in parallel until it is known out (isolation): its exclusion
+        # may lower the bank limits but never raise them.
+        for name, column in CURRENT_ROWS.items():
+            pick, binding = lowest_with_held(
+                rules[name].combine, column, tally.parallel, tally.held, picks[name]
+            )
+            if binding is not None and pick is not None:
+                counting = f" (counting held {binding.rack_id} at its last limits)"
+                pick = pick._replace(detail=pick.detail + counting)
+            picks[name] = pick
     eligible = tally.eligible
     latches_by_rack = tally.latches_by_rack
     charge_blocks, discharge_blocks = tally.charge_blocks, tally.discharge_blocks
@@ -666,6 +732,7 @@ def step(
         previous_a=memory.charge_limit_a,
         elapsed_s=elapsed_s,
         rate_a_per_s=agg.ramp_up_a_per_s,
+        held_notes=held_notes,
     )
     dcl = _bank_limit(
         "DCL",
@@ -675,6 +742,7 @@ def step(
         previous_a=memory.discharge_limit_a,
         elapsed_s=elapsed_s,
         rate_a_per_s=agg.ramp_up_a_per_s,
+        held_notes=held_notes,
     )
 
     latched = {flag for _, latches in latches_by_rack for flag in latches}
@@ -793,8 +861,16 @@ def _view(
     state, admission = rack.state, rack.admission
     charge_a = amps_down(member.charge_limit_a) if member else 0.0
     discharge_a = amps_down(member.discharge_limit_a) if member else 0.0
+    held = rack.isolation.held
+    hold_note = (
+        f"{rack.isolation.note}, last in parallel at CCL {amps_down(held.charge_limit_a):.1f} A, "
+        f"DCL {amps_down(held.discharge_limit_a):.1f} A"
+        if held is not None
+        else ""
+    )
     reason = rack_reason(
         rack.state_reason,
+        hold_note=hold_note,
         admission_note=admission.note,
         charge_blocks=charge_blocks,
         discharge_blocks=discharge_blocks,

@@ -28,6 +28,24 @@ The physics behind the rows:
   **Whatever the policy**, a rack in parallel whose (derated) limit is 0 makes the bank limit
   0: it is in the current path and allows no current in that direction (DAB#160: a summed
   limit kept charging a pack that had asked for 0).
+
+  **Held racks** (``isolation.py``: lost from sight while in parallel, not yet known out). Any
+  subset H of them may still be in parallel, at their last limits and shares, so the safe bank
+  limit is the lowest of the policy over ``parallel ∪ H`` for every H, the empty one included.
+  For these three policies that lowest is always reached with at most one held rack
+  (``lowest_with_held``): write P(H) for the policy over ``parallel ∪ H`` and w for the weakest
+  rack of ``parallel ∪ H``.
+
+  - ``n_times_min``: P(H) = L_w × (Σ_parallel share + Σ_H share). If w is in ``parallel``,
+    P(H) ≥ P(∅); if w is held, P(H) ≥ L_w × (Σ_parallel share + share_w) = P({w}), since
+    every other member only adds share. Adding *all* held racks at once is not enough: with
+    a 100 A rack in parallel and two held ones at 40 A and 100 A, P(∅) = 100 A and the union
+    gives 40 × 3 = 120 A, while the 40 A rack alone still in parallel allows 40 × 2 = 80 A.
+  - ``sum``: P(H) = P(∅) + Σ_H share × limit ≥ P(∅): a held rack never lowers the sum (if it
+    is still in parallel, the current splits over more racks), except by the zero-limit
+    rule, which holds for it as for any rack in parallel (a held rack last at 0 A keeps the
+    bank at 0 A in that direction).
+  - ``min``: P(H) = L_w × min(1, Σ share); as for ``n_times_min``, P(H) ≥ P(∅) or ≥ P({w}).
 - **CVL** = lowest ceiling: the bank is one voltage, so no rack may be taken above its own.
 - **DVL** = highest floor, for the same reason downward.
 - **SOC** weighted by the roster capacity (a 200 Ah rack at 50 % holds twice the charge of a
@@ -179,6 +197,17 @@ class Members:
         if not columns:
             return ()
         return columns[_COLUMN_INDEX[name]]
+
+    def plus(self, member: Member) -> Members:
+        """These members and ``member`` after them (a held rack added to the racks in parallel, see
+        :func:`lowest_with_held`); the columns, if made, are copied with its values appended."""
+        members = [*self.members, member]
+        if self._columns is None or not self.members:
+            return Members(members)
+        columns = tuple(array("d", column) for column in self._columns)
+        for column, value in zip(columns, member.numbers, strict=True):
+            column.append(value)
+        return Members(members, columns)
 
     def patched(self, changes: Sequence[tuple[int, Member]]) -> Members:
         """These members with the one at each index replaced (same population, same order)."""
@@ -335,6 +364,38 @@ def current_limit(policy: CurrentPolicy, side: Side) -> Combine:
         return CURRENT_POLICIES[policy](side, population)
 
     return combine
+
+
+def lowest_with_held(
+    combine: Combine, column: str, population: Members, held: Sequence[Member], pick: Pick | None
+) -> tuple[Pick | None, Member | None]:
+    """The CCL or DCL row (``combine``, reading ``column``) with racks held at their last limits
+    (``isolation``): the lowest of ``pick`` (the row over ``population``, the racks in parallel)
+    and the row over ``population`` with each held member added alone, and the held member that
+    gave it (None: ``pick`` stands).
+
+    One held rack at a time is the worst case over every subset of them that may still be in
+    parallel, for each policy (see the module docstring); with no rack in parallel there is
+    nothing to add to (``pick`` None: the bank is 0 A anyway). A held rack whose limit is above
+    0 and not below the weakest in parallel cannot lower any of the three policies (it leaves
+    the minimum alone and adds share or current), so only the others are tried: a thousand racks
+    losing sight of a few hundred do not cost a thousand-member pass each.
+    """
+    if pick is None or pick.forced_zero:
+        return pick, None
+    binding = None
+    weakest = min(population.column(column))
+    at = _COLUMN_INDEX[column]
+    for extra in held:
+        limit = extra.numbers[at]
+        if limit > 0.0 and limit >= weakest:
+            continue
+        alternative = combine(population.plus(extra))
+        if alternative is not None and (alternative.value < pick.value or alternative.forced_zero):
+            pick, binding = alternative, extra
+            if pick.forced_zero:
+                break  # nothing is lower than a rack in the current path at 0 A
+    return pick, binding
 
 
 Location = Callable[[MeasurementsRecord], str]

@@ -107,9 +107,12 @@ def config(
     stale_after_ms: int | None = None,
     **aggregation: Any,
 ) -> ControllerConfig:
-    """A controller for racks r1..rN. Unless overridden: no re-admission hold or ramp and a slew fast
-    enough to reach any target in one second, so that tables show the policy itself."""
-    agg: dict[str, Any] = {"readmit_hold_s": 0.0, "readmit_ramp_s": 0.0, "ramp_up_a_per_s": 1e6}
+    """A controller for racks r1..rN. Unless overridden: no re-admission hold or ramp, no isolation
+    time (a lost rack is out at once; tests/controller/core/test_lost_racks.py sets one) and a slew
+    fast enough to reach any target in one second, so that tables show the policy itself."""
+    agg: dict[str, Any] = {
+        "readmit_hold_s": 0.0, "readmit_ramp_s": 0.0, "isolation_s": 0.0, "ramp_up_a_per_s": 1e6
+    }
     agg.update(aggregation)
     caps = capacities or [100.0] * n
     return ControllerConfig(
