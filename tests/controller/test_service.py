@@ -365,7 +365,7 @@ async def test_after_a_failed_cycle_the_core_compares_every_rack(
 
     monkeypatch.setattr(service_module, "step", recording)
     svc.table.ingest(topics.rack_telemetry("rack-01"), encode(telemetry(
-        rack_id="rack-01", seq=10_000, timestamp_s=1_800_000_000.0,
+        rack_id="rack-01", stream_id="0000aaaa00001111", seq=10_000, timestamp_s=time.time(),
         measurements=measurements(charge_current_limit_a=10.0))), time.monotonic())
     with pytest.raises(RuntimeError):
         svc.cycle(heartbeat_due=False, full=False)  # urgent cycle: told {"rack-01"}, fails
