@@ -377,7 +377,8 @@ class ControllerService:
         if raised is not self._foreign_raised:
             self._foreign_raised = raised
             if not raised:
-                log.warning("foreign transmitter: none heard for %g s; alarm cleared", FOREIGN_HOLD_S)
+                log.warning("foreign transmitter: none heard for %g s (%d limits frames in all); "
+                            "alarm cleared", FOREIGN_HOLD_S, self.foreign.frames)
             self._publish_status(now_s)
         return raised
 
