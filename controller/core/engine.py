@@ -20,7 +20,11 @@ The cycle, each step in its own module:
 3. the bank CCL/DCL: zeroing rules (quorum, latched alarms of that direction, a rack in
    parallel at 0 A), the configured maximum and the frame range, the slew (``slew``), 0.1 A
    rounding (``bounds``);
-4. CVL/DVL with their invariants (``bounds``) and fallbacks; reasons (``provenance``).
+4. CVL/DVL with their invariants (``bounds``) and fallbacks, every held rack counted at its last
+   ceiling and floor (``policies.held_voltages``); reasons (``provenance``).
+
+CVL and DVL are not slewed: a rise of CVL (or fall of DVL) reaches the inverter in the cycle that
+allows it, a held rack's release included.
 
 ``RackView`` limits are the rack's limits after the controller's derates, i.e. what entered
 the policy, for every rack in parallel (eligible or still in its hold); 0 otherwise.
@@ -58,9 +62,20 @@ from controller.core.faults import (
     update_latches,
 )
 from controller.core.isolation import Isolation, isolate, isolation_s
-from controller.core.policies import NO_FLAGS, Member, Members, Pick, Population, lowest_with_held, table
+from controller.core.policies import (
+    NO_FLAGS,
+    NO_HELD_VOLTAGES,
+    HeldVoltages,
+    Member,
+    Members,
+    Pick,
+    Population,
+    held_voltages,
+    lowest_with_held,
+    table,
+)
 from controller.core.policies import member as make_member
-from controller.core.provenance import limit_reason, rack_reason
+from controller.core.provenance import held_text, limit_reason, rack_reason
 from controller.core.slew import slew
 from controller.core.snapshot import RackInput, Snapshot
 from shared.cluster import ClusterFlags, ConsolidatedState, RackState, RackView
@@ -503,7 +518,7 @@ class _Volts:
     dvl_dv: int
     cvl_reason: str
     dvl_reason: str
-    charge_zero: list[str]  # a rack in parallel without a usable ceiling stops charging
+    charge_zero: list[str]  # a rack in parallel or held without a usable ceiling stops charging
     dvl_from_racks_v: float | None
 
 
@@ -513,11 +528,23 @@ def _voltage_limits(
     pack_voltage_v: float | None,
     memory: CoreMemory,
     agg: AggregationConfig,
+    *,
+    held: HeldVoltages = NO_HELD_VOLTAGES,
+    held_notes: Sequence[str] = (),
 ) -> _Volts:
     """CVL = lowest ceiling in parallel; with none usable, hold the bank where it is (the pack
     voltage now or last seen, else the configured fallback). DVL = highest floor, else the last
-    one, else 0 V; always below CVL."""
+    one, else 0 V; always below CVL.
+
+    Racks held at their last limits (``isolation``, ``held``: their extremes) may still be in
+    parallel: each may only lower CVL (to its last ceiling; one without a usable ceiling stops
+    charging and lowers CVL to where the bank is held) and raise DVL, never the reverse, and the
+    reasons name them (``held_notes``)."""
     charge_zero: list[str] = []
+    if pack_voltage_v is not None and pack_voltage_v >= CVL_USABLE_MIN_V:
+        where_v, where_why = pack_voltage_v, ", held at the consolidated pack voltage"
+    else:
+        where_v, where_why = agg.fallback_voltage_v, " and no pack voltage known, fallback_voltage_v"
     if cvl_pick is not None and cvl_pick.value >= CVL_USABLE_MIN_V:
         cvl_v, cvl_why = cvl_pick.value, f" = lowest ceiling {cvl_pick.rack_id} {cvl_pick.value:.1f} V"
     else:
@@ -526,10 +553,16 @@ def _voltage_limits(
             charge_zero.append(why)
         else:
             why = "no rack in parallel"
-        if pack_voltage_v is not None and pack_voltage_v >= CVL_USABLE_MIN_V:
-            cvl_v, cvl_why = pack_voltage_v, f": {why}, held at the consolidated pack voltage"
-        else:
-            cvl_v, cvl_why = agg.fallback_voltage_v, f": {why} and no pack voltage known, fallback_voltage_v"
+        cvl_v, cvl_why = where_v, f": {why}{where_why}"
+    if held.unusable is not None:
+        why = f"held {held.unusable.rack_id} last reported CVL {held.unusable.value:.1f} V"
+        charge_zero.append(why)
+        if where_v < cvl_v:
+            cvl_v, cvl_why = where_v, f": {why}{where_why}"
+    if held.ceiling is not None and held.ceiling.value < cvl_v:
+        rack_id = held.ceiling.rack_id
+        cvl_v = held.ceiling.value
+        cvl_why = f" = lowest ceiling {rack_id} {cvl_v:.1f} V (counting held {rack_id} at its last limits)"
 
     if dvl_pick is not None:
         dvl_v, dvl_why = dvl_pick.value, f" = highest floor {dvl_pick.rack_id} {dvl_pick.value:.1f} V"
@@ -537,14 +570,19 @@ def _voltage_limits(
         dvl_v, dvl_why = memory.last_dvl_v, ": no rack in parallel, last consolidated DVL"
     else:
         dvl_v, dvl_why = 0.0, ": no rack in parallel and none seen before"
+    if held.floor is not None and held.floor.value > dvl_v:
+        rack_id = held.floor.rack_id
+        dvl_v = held.floor.value
+        dvl_why = f" = highest floor {rack_id} {dvl_v:.1f} V (counting held {rack_id} at its last limits)"
     cvl_dv, dvl_dv, dvl_lowered = voltage_limits_dv(cvl_v, dvl_v)
     if dvl_lowered:
         dvl_why += f"; lowered to stay below CVL {cvl_dv / 10:.1f} V"
+    notes = held_text(held_notes)
     return _Volts(
         cvl_dv,
         dvl_dv,
-        f"CVL {cvl_dv / 10:.1f} V{cvl_why}",
-        f"DVL {dvl_dv / 10:.1f} V{dvl_why}",
+        f"CVL {cvl_dv / 10:.1f} V{cvl_why}{notes}",
+        f"DVL {dvl_dv / 10:.1f} V{dvl_why}{notes}",
         charge_zero,
         dvl_pick.value if dvl_pick is not None else None,
     )
@@ -721,7 +759,8 @@ def step(
     pack_pick = picks["pack_voltage_v"]
     pack_voltage_v = pack_pick.value if pack_pick is not None else memory.last_pack_voltage_v
     volts = _voltage_limits(
-        picks["charge_voltage_limit_v"], picks["discharge_voltage_limit_v"], pack_voltage_v, memory, agg
+        picks["charge_voltage_limit_v"], picks["discharge_voltage_limit_v"], pack_voltage_v, memory, agg,
+        held=held_voltages(tally.held, CVL_USABLE_MIN_V), held_notes=held_notes,
     )
 
     ccl = _bank_limit(
@@ -864,7 +903,9 @@ def _view(
     held = rack.isolation.held
     hold_note = (
         f"{rack.isolation.note}, last in parallel at CCL {amps_down(held.charge_limit_a):.1f} A, "
-        f"DCL {amps_down(held.discharge_limit_a):.1f} A"
+        f"DCL {amps_down(held.discharge_limit_a):.1f} A, "
+        f"CVL {held.measurements.charge_voltage_limit_v:.1f} V, "
+        f"DVL {held.measurements.discharge_voltage_limit_v:.1f} V"
         if held is not None
         else ""
     )

@@ -15,10 +15,14 @@ bank's limit at the limits and share it last had in parallel (``Isolation.held``
   since the first cycle that found it lost. Counting from that cycle, not from the last payload,
   errs on the side of a longer hold.
 
-A held rack never raises the bank (``engine``: the bank limit is the lowest of the policy over
+A held rack never raises the bank (``engine``: the bank CCL/DCL is the lowest of the policy over
 the racks in parallel and over the racks in parallel with each held rack added; see
 ``policies`` for why one at a time is the worst case), so a hold can only lower the bank, and a
-limit held back is released through the slew, ramping. A rack that comes back is ``ok`` again:
+limit held back is released through the slew, ramping. Nor does it widen the bank's voltage
+range: CVL is the lowest ceiling and DVL the highest floor over the racks in parallel and every
+held rack at its last ones (``policies.held_voltages``; a held rack last without a usable
+ceiling stops charging, as one in parallel does). Those are not slewed: on release CVL rises
+(DVL falls) in that cycle. A rack that comes back is ``ok`` again:
 its new limits replace the held ones at once and it goes through the re-admission hold and ramp
 (``admission``). A rack never seen ``ok`` since the controller started has nothing to hold.
 

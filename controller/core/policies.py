@@ -46,8 +46,13 @@ The physics behind the rows:
     rule, which holds for it as for any rack in parallel (a held rack last at 0 A keeps the
     bank at 0 A in that direction).
   - ``min``: P(H) = L_w × min(1, Σ share); as for ``n_times_min``, P(H) ≥ P(∅) or ≥ P({w}).
+
+  For CVL and DVL (below) the worst case is every held rack at once: a lowest ceiling only falls
+  and a highest floor only rises as racks are added, so the lowest ceiling over ``parallel ∪
+  held`` is at most the one over ``parallel ∪ H`` for every H (``held_voltages``).
 - **CVL** = lowest ceiling: the bank is one voltage, so no rack may be taken above its own.
-- **DVL** = highest floor, for the same reason downward.
+  Held racks count at their last ceiling (``held_voltages``).
+- **DVL** = highest floor, for the same reason downward; held racks count at their last floor.
 - **SOC** weighted by the roster capacity (a 200 Ah rack at 50 % holds twice the charge of a
   100 Ah one); **SOH** the lowest (the bank ages with its weakest rack).
 - **Voltage** mean (one bus, small differences are sensor and cable); **current** sum (the
@@ -396,6 +401,47 @@ def lowest_with_held(
             if pick.forced_zero:
                 break  # nothing is lower than a rack in the current path at 0 A
     return pick, binding
+
+
+class HeldVoltages(NamedTuple):
+    """The voltage limits of racks held at their last limits (``isolation``), as the CVL and DVL rows
+    read them: the lowest usable ceiling, the first held rack whose ceiling is not usable (a BMS
+    saying 0 V means "do not charge") and the highest floor; None where no held rack gives one."""
+
+    ceiling: Pick | None = None
+    unusable: Pick | None = None
+    floor: Pick | None = None
+
+
+NO_HELD_VOLTAGES: Final = HeldVoltages()
+
+
+def held_voltages(held: Sequence[Member], usable_min_v: float) -> HeldVoltages:
+    """The CVL and DVL rows' view of the held racks (roster order; the first among equals decides).
+
+    Any subset of them may still be in parallel, so each may lower the bank's ceiling or raise its
+    floor; all of them at once is the worst case (see the module docstring). A ceiling below
+    ``usable_min_v`` is not a ceiling but a stop: it is returned apart (``unusable``) for the
+    engine to stop charging, as it does for a rack in parallel reporting it.
+    """
+    if not held:
+        return NO_HELD_VOLTAGES
+    cvl_at, dvl_at = _COLUMN_INDEX["charge_voltage_limit_v"], _COLUMN_INDEX["discharge_voltage_limit_v"]
+    ceiling = unusable = floor = None
+    for m in held:
+        cvl, dvl = m.numbers[cvl_at], m.numbers[dvl_at]
+        if cvl < usable_min_v:
+            if unusable is None:
+                unusable = m
+        elif ceiling is None or cvl < ceiling.numbers[cvl_at]:
+            ceiling = m
+        if floor is None or dvl > floor.numbers[dvl_at]:
+            floor = m
+    return HeldVoltages(
+        None if ceiling is None else Pick(ceiling.numbers[cvl_at], ceiling.rack_id),
+        None if unusable is None else Pick(unusable.numbers[cvl_at], unusable.rack_id),
+        None if floor is None else Pick(floor.numbers[dvl_at], floor.rack_id),
+    )
 
 
 Location = Callable[[MeasurementsRecord], str]

@@ -9,7 +9,9 @@ parsing. They always name the deciding rack and the arithmetic, e.g.::
     CCL 0 A: not enough racks (1 of min 2)
     CCL 80.0 A = r1 40.0 A × 2 eligible (counting held r1 at its last limits); held: r1 lost 2.1 s
         ago, isolation in 57.9 s
-    CVL 51.2 V: no rack in parallel and none seen before, fallback_voltage_v
+    CVL 51.2 V: no rack in parallel and no pack voltage known, fallback_voltage_v
+    CVL 54.0 V = lowest ceiling r1 54.0 V (counting held r1 at its last limits); held: r1 lost
+        2.1 s ago, isolation in 57.9 s
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ long seeded scenarios, built the way ``RackTable`` builds snapshots (an unchange
 its ``RackInput`` object), run twice through the same ``step``: once with the memory as
 returned (cached) and once with the cache stripped before every cycle (uncached). Every state
 and every memory must be equal, cycle by cycle. The scenarios cover what the cache keys on:
-racks falling stale and coming back, hold and ramp, comm loss, invalid payloads, alarms that
-latch and are cleared by command, thermal samples leaving a short window, time standing still
+racks falling stale and coming back (held at their last limits, voltages included, until
+isolated), hold and ramp, comm loss, invalid payloads, alarms that latch and are cleared by
+command, thermal samples leaving a short window, time standing still
 or stepping back, a reload to a new config object. The fast helpers are checked against the
 plain code they replace (hypothesis, derandomized): ``ProtectionFlags.raised`` and ``fully_admitted``
 exactly, the running thermal slope (``WindowSums``) to rounding.
@@ -109,6 +110,8 @@ class Rack:
     temperature_c: float = 30.0
     cell_max_v: float = 3.30
     ccl_a: float = 100.0
+    cvl_v: float = 56.0
+    dvl_v: float = 44.0
     alarms: tuple[str, ...] = ()
     comm_lost: bool = False
     contactor: ContactorState = ContactorState.CLOSED
@@ -135,6 +138,9 @@ def _publish(rack: Rack, rnd: random.Random, t: float) -> RackInput:
     rack.cell_max_v = min(3.56, max(3.25, rack.cell_max_v + rnd.choice([-0.02, 0.0, 0.01, 0.03])))
     if rnd.random() < 0.1:
         rack.ccl_a = rnd.choice([0.0, 40.0, 80.0, 100.0, 120.0])
+    if rnd.random() < 0.1:  # (CVL 0 V: no ceiling, charging stops)
+        rack.cvl_v, rack.dvl_v = rnd.choice([(56.0, 44.0), (54.0, 44.0), (56.0, 47.0), (52.0, 46.0),
+                                             (0.0, 0.0)])
     if rnd.random() < 0.05:
         rack.alarms = rnd.choice([(), (), ("cell_over_voltage",), ("internal_fault",), ("cell_imbalance",),
                                   ("discharge_over_temperature", "cell_imbalance")])
@@ -146,6 +152,8 @@ def _publish(rack: Rack, rnd: random.Random, t: float) -> RackInput:
         rack.rack_id,
         seq=rack.seq,
         ccl=rack.ccl_a,
+        cvl=rack.cvl_v,
+        dvl=rack.dvl_v,
         t_max=rack.temperature_c,
         t_min=rack.temperature_c - 5.0,
         cell_max=rack.cell_max_v,
@@ -201,12 +209,13 @@ def scenario(seed: int, n: int = 6, cycles: int = 400) -> list[tuple[ControllerC
 @pytest.mark.parametrize("seed", range(12))
 def test_cached_steps_equal_uncached_steps_cycle_by_cycle(seed: int) -> None:
     cached = uncached = CoreMemory.initial()
-    reused = computed = held = 0
+    reused = computed = held = held_volts = 0
     for i, (cfg, t, snap) in enumerate(scenario(seed)):
         state_c, next_cached = step(snap, cfg, t, WALL_OFFSET_S + t, cached)
         state_u, next_uncached = step(snap, cfg, t, WALL_OFFSET_S + t, replace(uncached, cache=None))
         assert state_c == state_u, f"seed {seed} cycle {i} t={t}"
         held += "held: " in state_c.ccl_reason
+        held_volts += "(counting held" in state_c.cvl_reason + state_c.dvl_reason
         assert next_cached == next_uncached, f"seed {seed} cycle {i} t={t}"
         assert next_cached.racks == next_uncached.racks
         if cached.cache is not None and next_cached.cache is not None:
@@ -215,10 +224,11 @@ def test_cached_steps_equal_uncached_steps_cycle_by_cycle(seed: int) -> None:
             reused, computed = reused + same, computed + len(after) - same
         cached, uncached = next_cached, next_uncached
     # The comparison is only worth something if the cache was used, and not for everything, and
-    # lost racks were held (and so released by time) along the way.
+    # lost racks were held (and so released by time) along the way, some deciding CVL or DVL.
     assert reused > 0
     assert computed > 0
     assert held > 0
+    assert held_volts > 0
 
 
 def test_a_memory_reused_twice_gives_what_a_fresh_computation_gives() -> None:

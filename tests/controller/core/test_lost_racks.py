@@ -4,8 +4,10 @@ Two racks at 40 A and 100 A give 2 × 40 = 80 A (n_times_min). When the 40 A rac
 comm-lost it may still be in parallel with its contactor closed, taking its share: the bank holds at what
 the racks last known in parallel allow (80 A, not 100 A) until the rack is known out (its agent reports the
 contactor open, or its isolation time has passed since it was lost), and then ramps. Decreases still apply
-at once. Tables first, then the safety invariant as a hypothesis property over random rack events and time,
-with the incremental paths (told what changed, urgent cycles, the cache) checked against full computation.
+at once. The same for the voltage range: a held rack keeps its last ceiling in CVL and its last floor in DVL
+(which are not ramped: they move in the cycle that releases it). Tables first, then the safety invariant as
+a hypothesis property over random rack events and time, with the incremental paths (told what changed,
+urgent cycles, the cache) checked against full computation.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def test_weakest_rack_goes_stale_bank_holds_until_isolation_then_ramps() -> None
     ])
     assert states[5].racks[0].reason == (
         "stale: no valid telemetry for 4.0 s (limit 1.0 s); held: r1 lost 2.5 s ago, isolation in 2.5 s, "
-        "last in parallel at CCL 40.0 A, DCL 40.0 A"
+        "last in parallel at CCL 40.0 A, DCL 40.0 A, CVL 56.0 V, DVL 44.0 V"
     )
     assert (states[5].racks[0].charge_current_limit_a, states[5].racks[0].eligible) == (0.0, False)
     assert "held" not in states[7].ccl_reason + states[7].racks[0].reason
@@ -257,6 +259,128 @@ def test_a_returning_rack_replaces_its_held_limits_and_goes_through_readmission(
     ])
 
 
+# -- the voltage limits: a held rack keeps its ceiling and floor in the bank's ----------------------
+
+# r1 has the lowest ceiling and r2 the highest floor: the bank is 54.0 V / 46.0 V while both are in parallel.
+LOW_CEILING = telemetry("r1", cvl=54.0, dvl=42.0)
+HIGH_FLOOR = telemetry("r2", cvl=56.0, dvl=46.0)
+
+
+def test_lowest_ceiling_rack_goes_stale_cvl_holds_until_isolation_then_rises_at_once() -> None:
+    """CVL and DVL are not slewed (controller/core/engine.py): once the rack is out of the bank, CVL rises
+    in that cycle."""
+    cfg = config(2, stale_after_ms=1000, isolation_s=5.0)
+    lost = pair(heard(LOW_CEILING, 1.5), HIGH_FLOOR)
+    states = run_table(cfg, [
+        Cycle(0, pair(LOW_CEILING, HIGH_FLOOR)),
+        Cycle(1, pair(LOW_CEILING, HIGH_FLOOR), cvl=54.0, dvl=46.0),
+        Cycle(3, lost, cvl=54.0, dvl=46.0, states="stale ok", note="lost: held at 54.0 V, not 56.0 V"),
+        Cycle(7.9, lost, cvl=54.0, dvl=46.0, note="isolation not yet passed"),
+        Cycle(8, lost, cvl=56.0, dvl=46.0, states="stale ok", note="isolation passed: CVL rises at once"),
+    ])
+    assert states[2].cvl_reason == (
+        "CVL 54.0 V = lowest ceiling r1 54.0 V (counting held r1 at its last limits); "
+        "held: r1 lost 0.0 s ago, isolation in 5.0 s"
+    )
+    assert states[2].dvl_reason == (
+        "DVL 46.0 V = highest floor r2 46.0 V; held: r1 lost 0.0 s ago, isolation in 5.0 s"
+    )
+    assert "held" not in states[4].cvl_reason + states[4].dvl_reason
+    assert states[2].racks[0].reason.endswith(
+        "last in parallel at CCL 100.0 A, DCL 100.0 A, CVL 54.0 V, DVL 42.0 V"
+    )
+
+
+def test_highest_floor_rack_goes_stale_dvl_holds_until_isolation_then_falls() -> None:
+    cfg = config(2, stale_after_ms=1000, isolation_s=5.0)
+    lost = pair(LOW_CEILING, heard(HIGH_FLOOR, 1.5))
+    states = run_table(cfg, [
+        Cycle(0, pair(LOW_CEILING, HIGH_FLOOR)),
+        Cycle(1, pair(LOW_CEILING, HIGH_FLOOR), cvl=54.0, dvl=46.0),
+        Cycle(3, lost, cvl=54.0, dvl=46.0, states="ok stale", note="lost: held at 46.0 V, not 42.0 V"),
+        Cycle(7.9, lost, cvl=54.0, dvl=46.0),
+        Cycle(8, lost, cvl=54.0, dvl=42.0, note="isolation passed"),
+    ])
+    assert states[2].dvl_reason == (
+        "DVL 46.0 V = highest floor r2 46.0 V (counting held r2 at its last limits); "
+        "held: r2 lost 0.0 s ago, isolation in 5.0 s"
+    )
+    assert states[2].cvl_reason == (
+        "CVL 54.0 V = lowest ceiling r1 54.0 V; held: r2 lost 0.0 s ago, isolation in 5.0 s"
+    )
+
+
+@pytest.mark.parametrize("lost_rack", ["r1", "r2"])
+def test_contactor_reported_open_releases_the_voltage_hold_at_once(lost_rack: str) -> None:
+    cfg = config(2, stale_after_ms=1000, isolation_s=30.0)
+    tel = {"r1": LOW_CEILING, "r2": HIGH_FLOOR}
+    lost = {**tel, lost_rack: heard(tel[lost_rack], 1.5)}
+    last = tel[lost_rack].measurements
+    opened = {**tel, lost_rack: telemetry(lost_rack, contactor=OPEN, cvl=last.charge_voltage_limit_v,
+                                          dvl=last.discharge_voltage_limit_v)}
+    released = (56.0, 46.0) if lost_rack == "r1" else (54.0, 42.0)
+    states = run_table(cfg, [
+        Cycle(0, tel),
+        Cycle(1, tel, cvl=54.0, dvl=46.0),
+        Cycle(3, lost, cvl=54.0, dvl=46.0),
+        Cycle(4, lost, cvl=54.0, dvl=46.0),
+        Cycle(4.5, opened, cvl=released[0], dvl=released[1], note="contactor open: out of the bank"),
+    ])
+    assert "held" not in states[4].cvl_reason + states[4].dvl_reason
+
+
+def test_a_held_rack_last_without_a_usable_ceiling_keeps_charging_stopped() -> None:
+    """A rack in parallel reporting CVL 0 V stops charging; held, it keeps doing so until it is known out."""
+    no_charge = telemetry("r1", cvl=0.0, dvl=0.0, voltage=51.0)
+    lost = pair(heard(no_charge, 0.5))
+    run_table(config(2, stale_after_ms=1000, isolation_s=5.0), [
+        Cycle(0, pair(no_charge)),
+        Cycle(1, pair(no_charge), ccl=0.0, dcl=200.0, cvl=51.5, ccl_reason=["r1 reports CVL 0.0 V"]),
+        Cycle(2, lost, ccl=0.0, dcl=100.0, cvl=52.0, dvl=44.0, states="stale ok",
+              ccl_reason=["CCL 0 A: held r1 last reported CVL 0.0 V; held: r1 lost 0.0 s ago"]),
+        Cycle(6.9, lost, ccl=0.0, cvl=52.0),
+        Cycle(7, lost, ccl=100.0, dcl=100.0, cvl=56.0, dvl=44.0, note="isolation passed"),
+    ])
+
+
+def test_a_held_floor_above_the_ceiling_in_parallel_keeps_dvl_below_cvl() -> None:
+    high = telemetry("r1", cvl=58.0, dvl=55.0)
+    low = telemetry("r2", cvl=54.0, dvl=44.0)
+    states = run_table(config(2, stale_after_ms=1000, isolation_s=5.0), [
+        Cycle(0, pair(high, low)),
+        Cycle(1, pair(high, low), cvl=54.0, dvl=53.9),
+        Cycle(2, pair(heard(high, 0.5), low), cvl=54.0, dvl=53.9, states="stale ok"),
+        Cycle(7, pair(heard(high, 0.5), low), cvl=54.0, dvl=44.0, note="isolation passed"),
+    ])
+    assert states[2].dvl_reason == (
+        "DVL 53.9 V = highest floor r1 55.0 V (counting held r1 at its last limits); lowered to stay below "
+        "CVL 54.0 V; held: r1 lost 0.0 s ago, isolation in 5.0 s"
+    )
+
+
+def test_held_racks_bound_the_voltages_when_no_rack_is_in_parallel() -> None:
+    """With no rack in parallel CVL is held where the bank is (the last pack voltage) and DVL at the last
+    floor of the racks in parallel; no held rack's last ceiling is exceeded nor its floor undercut."""
+    r1 = telemetry("r1", cvl=51.0, dvl=47.0, voltage=53.0)
+    r2 = telemetry("r2", cvl=58.0, dvl=44.0, voltage=53.0)
+    both_lost = pair(heard(r1, 0.5), heard(r2, 2.0))
+    states = run_table(config(2, stale_after_ms=1000, isolation_s=5.0), [
+        Cycle(0, pair(r1, r2)),
+        Cycle(1, pair(r1, r2), cvl=51.0, dvl=47.0),
+        Cycle(2, pair(heard(r1, 0.5), r2), cvl=51.0, dvl=47.0, states="stale ok"),
+        Cycle(3.5, both_lost, ccl=0.0, cvl=51.0, dvl=47.0, states="stale stale",
+              note="none in parallel: not the pack voltage 53.0 V nor r2's last floor 44.0 V"),
+        Cycle(7, both_lost, ccl=0.0, cvl=53.0, dvl=44.0, note="r1 released, r2 held"),
+        Cycle(8.5, both_lost, ccl=0.0, cvl=53.0, dvl=44.0, note="both released"),
+    ])
+    assert states[3].cvl_reason.startswith("CVL 51.0 V = lowest ceiling r1 51.0 V (counting held r1")
+    assert states[3].dvl_reason.startswith("DVL 47.0 V = highest floor r1 47.0 V (counting held r1")
+    assert states[4].cvl_reason == (
+        "CVL 53.0 V: no rack in parallel, held at the consolidated pack voltage; "
+        "held: r2 lost 3.5 s ago, isolation in 1.5 s"
+    )
+
+
 # -- the incremental paths see a hold expire ----------------------------------------------------
 
 
@@ -304,6 +428,11 @@ def test_an_urgent_cycle_keeps_the_hold_of_the_last_full_cycle() -> None:
 LOST = {RackState.STALE, RackState.INVALID, RackState.COMM_LOST}
 ACTIONS = ["keep"] * 4 + ["ok"] * 5 + ["open", "invalid", "comm_lost", "unknown"]
 LIMITS = [0.0, 10.0, 40.0, 70.0, 100.0, 150.0]
+# Mostly one ceiling, so that the rack deciding CVL is often lost; 0 V (not a ceiling: charging stops) now
+# and then; floors above some ceilings, so that DVL is at times lowered below CVL. The pack is at 52.0 V.
+CEILINGS = [56.0, 56.0, 54.0, 50.0, 58.0, 0.0]
+FLOORS = [44.0, 44.0, 42.0, 46.0, 53.0, 57.0]
+CVL_USABLE_MIN_V = 0.1  # controller/core/engine.py: below it a rack's CVL is a stop, not a ceiling
 
 
 def policy_value(policy: CurrentPolicy, members: Pairs) -> float:
@@ -331,8 +460,8 @@ def bound(policy: CurrentPolicy, parallel: Pairs, held: Pairs) -> float:
 
 
 # One step of a run: time advance, urgent (inputs-only) cycle, told what changed, and per rack
-# (action, CCL, DCL).
-Step = tuple[float, bool, bool, list[tuple[str, float, float]]]
+# (action, CCL, DCL, CVL, DVL).
+Step = tuple[float, bool, bool, list[tuple[str, float, float, float, float]]]
 
 
 @dataclass
@@ -340,7 +469,7 @@ class Known:
     """The test's own account of one rack: its last limits and share in parallel, and since when it is
     lost."""
 
-    last: tuple[float, float, float] | None = None  # (ccl, dcl, share)
+    last: tuple[float, float, float, float, float] | None = None  # (ccl, dcl, share, cvl, dvl)
     lost_s: float | None = None
 
 
@@ -360,7 +489,8 @@ def runs(draw: st.DrawFn) -> tuple[ControllerConfig, list[Step]]:
     )
     overrides = {rid: {"isolation_s": 1.0} for rid in rack_ids(n) if draw(st.integers(0, 3)) == 0}
     cfg = with_roster(cfg, **overrides)
-    action = st.tuples(st.sampled_from(ACTIONS), st.sampled_from(LIMITS), st.sampled_from(LIMITS))
+    action = st.tuples(st.sampled_from(ACTIONS), st.sampled_from(LIMITS), st.sampled_from(LIMITS),
+                       st.sampled_from(CEILINGS), st.sampled_from(FLOORS))
     steps = draw(st.lists(
         st.tuples(st.sampled_from([0.0, 0.1, 0.4, 1.0, 2.0]), st.booleans(), st.booleans(),
                   st.lists(action, min_size=n, max_size=n)),
@@ -369,8 +499,8 @@ def runs(draw: st.DrawFn) -> tuple[ControllerConfig, list[Step]]:
     return cfg, steps
 
 
-def _input(rid: str, kind: str, ccl: float, dcl: float, previous: RackInput | None, t: float,
-           seq: int) -> RackInput | None:
+def _input(rid: str, kind: str, limits: tuple[float, float, float, float], previous: RackInput | None,
+           t: float, seq: int) -> RackInput | None:
     if kind == "keep":
         return previous
     if kind == "invalid":
@@ -378,7 +508,9 @@ def _input(rid: str, kind: str, ccl: float, dcl: float, previous: RackInput | No
             return previous
         return RackInput(rid, previous.telemetry, previous.received_s, invalid_at_s=t, invalid_reason="bad")
     contactor = {"open": OPEN, "unknown": UNKNOWN}.get(kind, ContactorState.CLOSED)
-    tel = telemetry(rid, ccl=ccl, dcl=dcl, contactor=contactor, comm_lost=kind == "comm_lost", seq=seq)
+    ccl, dcl, cvl, dvl = limits
+    tel = telemetry(rid, ccl=ccl, dcl=dcl, cvl=cvl, dvl=dvl, contactor=contactor,
+                    comm_lost=kind == "comm_lost", seq=seq)
     return RackInput(rid, tel, t)
 
 
@@ -388,17 +520,21 @@ def _check_bound(cfg: ControllerConfig, state: ConsolidatedState, known: dict[st
     agg = cfg.aggregation
     parallel_c: list[tuple[float, float]] = []
     parallel_d: list[tuple[float, float]] = []
+    parallel_v: list[tuple[float, float]] = []  # (cvl, dvl)
     for rr, view in zip(cfg.roster, state.racks, strict=True):
         k = known[rr.rack_id]
         isolation = rr.isolation_s if rr.isolation_s is not None else agg.isolation_s
         if view.state is RackState.OK:
             tel = inputs[rr.rack_id].telemetry
             assert tel is not None and tel.measurements is not None
-            ccl, dcl = tel.measurements.charge_current_limit_a, tel.measurements.discharge_current_limit_a
+            m = tel.measurements
+            ccl, dcl = m.charge_current_limit_a, m.discharge_current_limit_a
             assert (view.charge_current_limit_a, view.discharge_current_limit_a) == (ccl, dcl)
-            k.last, k.lost_s = (ccl, dcl, view.share), None
+            cvl, dvl = m.charge_voltage_limit_v, m.discharge_voltage_limit_v
+            k.last, k.lost_s = (ccl, dcl, view.share, cvl, dvl), None
             parallel_c.append((ccl, view.share))
             parallel_d.append((dcl, view.share))
+            parallel_v.append((cvl, dvl))
         elif view.state in LOST and k.last is not None:
             k.lost_s = t if k.lost_s is None else k.lost_s
             if t - k.lost_s >= isolation:  # the rule's release; the core may release later, never earlier
@@ -406,14 +542,38 @@ def _check_bound(cfg: ControllerConfig, state: ConsolidatedState, known: dict[st
         else:  # seen out of the bank (contactor open), or never in it
             k.last = k.lost_s = None
     held = [k.last for k in known.values() if k.last is not None and k.lost_s is not None]
-    ccl_bound = bound(agg.ccl_policy, parallel_c, [(c, s) for c, _, s in held])
-    dcl_bound = bound(agg.dcl_policy, parallel_d, [(d, s) for _, d, s in held])
+    ccl_bound = bound(agg.ccl_policy, parallel_c, [(c, s) for c, _, s, _, _ in held])
+    dcl_bound = bound(agg.dcl_policy, parallel_d, [(d, s) for _, d, s, _, _ in held])
     # Shown by --hypothesis-show-statistics: how often a hold is what keeps a limit down.
     binds = parallel_c and ccl_bound < policy_value(agg.ccl_policy, parallel_c)
     event("a held rack keeps CCL down" if binds else "a rack held" if held else "no rack held")
     where = f"t={t} held={held} parallel={parallel_c}\n{state.ccl_reason}\n{state.dcl_reason}"
     assert state.charge_current_limit_a <= ccl_bound + 1e-6, where
     assert state.discharge_current_limit_a <= dcl_bound + 1e-6, where
+    _check_voltages(state, parallel_v, [(cvl, dvl) for _, _, _, cvl, dvl in held])
+
+
+def _check_voltages(state: ConsolidatedState, parallel: Pairs, held: Pairs) -> None:
+    """CVL never above the lowest ceiling and DVL never below the highest floor of the racks in parallel and
+    any subset of the held racks at their last ones (the whole set is the worst case for a lowest and a
+    highest), DVL only lowered to stay below CVL; CVL never 0. A ceiling under 0.1 V is a stop: charging
+    stops. (A rack in parallel reporting one holds CVL at the pack voltage, which may be above another rack's
+    ceiling in parallel: not asserted here, nothing to do with held racks.)"""
+    cvl, dvl = state.charge_voltage_limit_v, state.discharge_voltage_limit_v
+    where = f"held={held} parallel={parallel}\n{state.cvl_reason}\n{state.dvl_reason}\n{state.ccl_reason}"
+    assert cvl >= 0.1 and dvl < cvl, where
+    racks = parallel + held
+    if any(c < CVL_USABLE_MIN_V for c, _ in racks):
+        assert state.charge_current_limit_a == 0.0, where
+    stops_in_parallel = any(c < CVL_USABLE_MIN_V for c, _ in parallel)
+    ceilings = [c for c, _ in (held if stops_in_parallel else racks) if c >= CVL_USABLE_MIN_V]
+    if ceilings:
+        assert cvl <= min(ceilings) + 1e-6, where
+    if racks:
+        assert dvl >= min(max(d for _, d in racks), round(cvl - 0.1, 1)) - 1e-6, where
+    lowest_parallel = min((c for c, _ in parallel), default=None)
+    holds_cvl = held and lowest_parallel is not None and min(c for c, _ in held) < lowest_parallel
+    event("a held rack keeps CVL down" if holds_cvl else "no held rack below the ceiling in parallel")
 
 
 @settings(max_examples=300, deadline=None)
@@ -423,7 +583,8 @@ def test_the_bank_never_exceeds_what_the_racks_last_known_in_parallel_allow(
 ) -> None:
     """At every cycle, full or urgent, told what changed or not: CCL and DCL are at most the policy over the
     racks in parallel plus any subset of the racks held at their last limits and shares (a held rack may
-    or may not still be in parallel). Full cycles equal uncached ones, told cycles untold ones."""
+    or may not still be in parallel), CVL at most their lowest ceiling and DVL at least their highest floor
+    (but below CVL). Full cycles equal uncached ones, told cycles untold ones."""
     cfg, steps = run
     ids = rack_ids(len(cfg.roster))
     known = {rid: Known() for rid in ids}
@@ -433,8 +594,8 @@ def test_the_bank_never_exceeds_what_the_racks_last_known_in_parallel_allow(
     for i, (dt, urgent_drawn, told, actions) in enumerate(steps):
         t = round(t + dt, 6)
         before = dict(inputs)
-        for rid, (kind, ccl, dcl) in zip(ids, actions, strict=True):
-            new = _input(rid, kind, ccl, dcl, inputs.get(rid), t, seq=i)
+        for rid, (kind, *limits) in zip(ids, actions, strict=True):
+            new = _input(rid, kind, (limits[0], limits[1], limits[2], limits[3]), inputs.get(rid), t, seq=i)
             if new is not None:
                 inputs[rid] = new
         urgent = urgent_drawn and i > 0
