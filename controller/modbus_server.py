@@ -195,12 +195,15 @@ EVT1_CLUSTER: Final[Mapping[str, str]] = {
     "not_enough_racks": "OTHER_ALARM",
     "latched_alarm": "OTHER_ALARM",
     "unknown_rack_seen": "CONFIGURATION_WARNING",
+    # Another node sends limits frames on the inverter bus: what the inverter follows is in doubt.
+    "foreign_transmitter": "OTHER_ALARM",
 }
 # EvtVnd1 (vendor bits) says which controller condition it is.
 EVT_VND1_BITS: Final[Mapping[str, int]] = {
     "not_enough_racks": 0,
     "latched_alarm": 1,
     "unknown_rack_seen": 2,
+    "foreign_transmitter": 3,
 }
 
 # SunSpec "not implemented" value per type, as registers (sunspec2/mb.py).
