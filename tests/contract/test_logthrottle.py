@@ -26,36 +26,36 @@ def test_a_burst_passes_then_lines_are_counted_and_reported_with_the_next_window
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = Clock()
-    log = _throttled(caplog, clock)
-    written = [log.warning("k", "bad payload %d", n) for n in range(1000)]
+    throttled = _throttled(caplog, clock)
+    written = [throttled.warning("k", "bad payload %d", n) for n in range(1000)]
     assert written[:3] == [True] * 3 and not any(written[3:])
-    assert log.suppressed_total == 997
+    assert throttled.suppressed_total == 997
     clock.now = 10.0
-    assert log.warning("k", "bad payload %d", 1000)
+    assert throttled.warning("k", "bad payload %d", 1000)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 4
     assert messages[-1] == "bad payload 1000 [997 similar suppressed in the last 10 s]"
 
 
 def test_kinds_are_limited_separately(caplog: pytest.LogCaptureFixture) -> None:
-    log = _throttled(caplog, Clock())
+    throttled = _throttled(caplog, Clock())
     for _ in range(10):
-        log.warning(("rack-01", "invalid"), "a")
-        log.warning(("rack-02", "invalid"), "b")
+        throttled.warning(("rack-01", "invalid"), "a")
+        throttled.warning(("rack-02", "invalid"), "b")
     assert [r.getMessage() for r in caplog.records].count("a") == 3
     assert [r.getMessage() for r in caplog.records].count("b") == 3
 
 
 def test_attacker_chosen_kinds_cannot_grow_memory_or_the_log(caplog: pytest.LogCaptureFixture) -> None:
-    log = _throttled(caplog, Clock(), max_kinds=16)
+    throttled = _throttled(caplog, Clock(), max_kinds=16)
     for n in range(10_000):
-        log.warning(("unknown", f"rack-{n}"), "telemetry from rack-%d", n)
+        throttled.warning(("unknown", f"rack-{n}"), "telemetry from rack-%d", n)
     assert len(caplog.records) <= 16 * 3
-    assert log.suppressed_total >= 10_000 - 16 * 3
+    assert throttled.suppressed_total >= 10_000 - 16 * 3
 
 
 def test_disabled_levels_cost_nothing(caplog: pytest.LogCaptureFixture) -> None:
-    log = _throttled(caplog, Clock())
+    throttled = _throttled(caplog, Clock())
     caplog.set_level(logging.ERROR, logger="test.throttle")
-    assert not log.info("k", "x")
-    assert log.suppressed_total == 0
+    assert not throttled.info("k", "x")
+    assert throttled.suppressed_total == 0
