@@ -30,6 +30,10 @@ from enum import IntEnum, StrEnum
 
 from shared.controller_config import FailoverConfig
 
+# The heartbeat frame carries the epoch in 32 bits (shared/dbc/bmslink.dbc). Real epochs grow by one
+# per takeover and never come near it; only a lie (a leader record on MQTT says any epoch up to
+# 2**63 - 1) can, and an epoch the frame cannot carry made every cycle of the next active fail.
+EPOCH_MAX = 2**32 - 1
 STANDBY_LIVE_PERIODS = 3  # a standby heard within this many of its heartbeat periods counts as live
 
 
@@ -134,8 +138,11 @@ class RoleMachine:
         self.fenced_until_s = now_s + self.listen_window_s
 
     def observe_epoch(self, epoch: int) -> None:
-        """An epoch learned elsewhere (the MQTT leader record): new actives must exceed it."""
-        self.epoch_seen = max(self.epoch_seen, epoch)
+        """An epoch learned elsewhere (the MQTT leader record): new actives must exceed it.
+
+        Bounded by what the heartbeat can carry: at the top, actives tie on epoch and rank and node
+        number decide, as they do between equal epochs anyway."""
+        self.epoch_seen = max(self.epoch_seen, min(epoch, EPOCH_MAX))
 
     # -- inputs from the bus -----------------------------------------------------------------
 
@@ -208,7 +215,7 @@ class RoleMachine:
         self._consider_handover(now_s, fresh_racks, min_fresh_racks)
 
     def _take_over(self, now_s: float, reason: str) -> None:
-        self.epoch = self.epoch_seen + 1
+        self.epoch = min(self.epoch_seen + 1, EPOCH_MAX)
         self.epoch_seen = self.epoch
         self.active_peer = None
         self._become(Role.ACTIVE, now_s, f"{reason}: active with epoch {self.epoch}")

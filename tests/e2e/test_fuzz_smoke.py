@@ -12,8 +12,8 @@ The first test runs the controller without failover, so that the leader record i
 verdict does not hang on the machine's scheduling (see the second). The second runs it with failover,
 as a single node, then freezes it for a second, as a loaded gateway's loop can be: it must take over
 again and grant. A leader record the contract accepts (epoch up to 2**63 - 1) that says more than the
-32-bit heartbeat epoch can carry makes that takeover fail its every cycle: silence. Hence strict
-xfail until that is fixed (then remove the mark).
+32-bit heartbeat epoch can carry made that takeover fail its every cycle: silence. The role
+machine now bounds epochs by what the heartbeat carries.
 """
 
 from __future__ import annotations
@@ -60,8 +60,6 @@ def test_fuzzed_payloads_never_crash_raise_or_silence_the_controller(tmp_path: P
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="a leader record with epoch >= 2**32 - 1 is taken (epoch_seen), and "
-                   "the next takeover's epoch overflows the 32-bit heartbeat signal: every cycle fails")
 def test_fuzzed_leader_records_leave_a_takeover_working(tmp_path: Path) -> None:
     r = run_fuzz(tmp_path, seed=SEED, count=LEADER_COUNT, rate=RATE_PER_S, period_ms=PERIOD_MS, failover=True)
     context = _context(r, tmp_path)

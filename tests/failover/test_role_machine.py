@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controller.failover import PeerBeat, Role, RoleMachine, WireRole
+from controller.failover import EPOCH_MAX, PeerBeat, Role, RoleMachine, WireRole
 from shared.controller_config import FailoverConfig
 
 CFG = FailoverConfig(enabled=True, node_number=2, rank=1, heartbeat_period_ms=100, silence_periods=3,
@@ -36,6 +36,17 @@ def test_a_starting_node_listens_then_takes_over_an_empty_bus() -> None:
     # Silence has been counted since start, and the window (with the rank's skew) is over.
     assert tick(m, LISTEN + BOOT_SKEW) is Role.ACTIVE
     assert m.epoch == 1 and m.may_transmit
+
+
+def test_a_lying_leader_record_cannot_push_the_epoch_past_what_the_heartbeat_carries() -> None:
+    """A leader record may say any epoch up to 2**63 - 1; the heartbeat carries 32 bits."""
+    m = machine()
+    m.observe_epoch(2**63 - 1)
+    assert m.epoch_seen == EPOCH_MAX
+    assert tick(m, LISTEN + BOOT_SKEW) is Role.ACTIVE
+    assert m.epoch == EPOCH_MAX  # at the top, not beyond it
+    m.observe_epoch(EPOCH_MAX - 5)
+    assert m.epoch_seen == EPOCH_MAX
 
 
 def test_a_starting_node_that_hears_an_active_never_transmits() -> None:
