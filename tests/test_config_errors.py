@@ -53,11 +53,15 @@ Writer = Callable[[Path], None]
 
 
 def _text(text: str) -> Writer:
-    return lambda path: path.write_text(text)
+    def write(path: Path) -> None:
+        path.write_text(text)
+    return write
 
 
 def _bytes(data: bytes) -> Writer:
-    return lambda path: path.write_bytes(data)
+    def write(path: Path) -> None:
+        path.write_bytes(data)
+    return write
 
 
 def _directory(path: Path) -> None:

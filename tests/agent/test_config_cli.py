@@ -5,6 +5,7 @@ A bad file exits 2 naming the file, the key path and the expectation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,7 @@ def test_good_config_checks_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str
     ],
 )
 def test_bad_config_exits_2_with_file_key_and_expectation(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit, expected  # type: ignore[no-untyped-def]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: Callable[[str], str], expected: str
 ) -> None:
     code, _, err = _run(tmp_path, edit(GOOD), capsys)
     assert code == 2

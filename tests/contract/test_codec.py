@@ -16,11 +16,13 @@ from tests.contract.samples import measurements, msgpack_values, telemetry
 
 
 def _raw() -> dict[str, object]:
-    return msgpack.unpackb(encode(telemetry()), raw=False)
+    raw: dict[str, object] = msgpack.unpackb(encode(telemetry()), raw=False)
+    return raw
 
 
 def _pack(obj: object) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
 
 
 def test_round_trip_is_identity() -> None:

@@ -28,7 +28,7 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-Handler = Callable[[Message], None]
+Handler = Callable[[Message], bool | None]
 
 
 async def _pair(

@@ -145,8 +145,8 @@ def test_no_path_coerces_a_wire_type(path: tuple[str, ...], value: object) -> No
     assert decoder.accepted == 0 and decoder.rejected[RejectReason.INVALID] == 1
 
 
-def _numeric_bounds(model: type[BaseModel]) -> list[tuple[str, float | None, float | None]]:
-    bounds = []
+def _numeric_bounds(model: type[BaseModel]) -> list[tuple[str, Any, Any]]:
+    bounds: list[tuple[str, Any, Any]] = []
     for name, info in model.model_fields.items():
         ge = next((m.ge for m in info.metadata if isinstance(m, annotated_types.Ge)), None)
         le = next((m.le for m in info.metadata if isinstance(m, annotated_types.Le)), None)

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from shared.cluster import ConsolidatedState, ControllerStatus, LeaderRecord, RackView
+from shared.cluster import ConsolidatedState, ControllerStatus, LeaderRecord, RackState, RackView
 from shared.codec import DecodeError, Decoder, RejectReason, encode
 from shared.records import TelemetryDecoder
 from tests.contract.samples import msgpack_values, telemetry
@@ -85,7 +85,7 @@ def _sample_state() -> ConsolidatedState:
         site_id="site-a", node_id="ctl-a", timestamp_s=1_790_000_000.0, charge_current_limit_a=80.0,
         discharge_current_limit_a=90.0, charge_voltage_limit_v=55.2, discharge_voltage_limit_v=46.4,
         charge_enabled=True, discharge_enabled=True, ccl_reason="CCL 80 A", roster_size=2, eligible_racks=2,
-        racks=(RackView(rack_id="rack-01", state="ok", eligible=True, share=1.0, reason="ok"),),
+        racks=(RackView(rack_id="rack-01", state=RackState.OK, eligible=True, share=1.0, reason="ok"),),
         unknown_racks=("rack-99",),
     )
 

@@ -13,7 +13,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ class Witness:
 
 
 @pytest.fixture
-def flood_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+def flood_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     caplog.set_level(logging.INFO)
     return caplog
 
@@ -241,7 +241,7 @@ async def test_full_send_buffer_fences_the_active_and_it_comes_back(
         await wait_until(lambda: svc.role is Role.ACTIVE, RESUME_WITHIN_S + 1.0, "active again")
         await wait_until(lambda: witness.first_after(drained) is not None, RESUME_WITHIN_S, "0x351 again")
         took = witness.first_after(drained)
-        assert took is not None and took - drained <= RESUME_WITHIN_S, took - drained
+        assert took is not None and took - drained <= RESUME_WITHIN_S, took
     finally:
         if stuck is not None:
             stuck.shutdown()

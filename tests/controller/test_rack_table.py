@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgpack
 
 from controller.rack_table import RackTable
@@ -152,7 +154,7 @@ def _clocked_table() -> RackTable:
 def test_a_far_future_reading_is_refused_and_never_locks_the_rack_out() -> None:
     """The payload of the report: seq 2**63-1 stamped 4e9, then the genuine agent carries on."""
     table = _clocked_table()
-    genuine = {"stream_id": GENUINE, "timestamp_s": WALL_NOW_S}
+    genuine: dict[str, Any] = {"stream_id": GENUINE, "timestamp_s": WALL_NOW_S}
     assert _send(table, seq=10, **genuine).accepted
     for stream in (GENUINE, OTHER):
         poison = _send(table, seq=2**63 - 1, timestamp_s=4e9, stream_id=stream,

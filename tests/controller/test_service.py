@@ -175,7 +175,7 @@ async def test_a_core_defect_met_by_an_urgent_payload_fails_safe_and_spares_the_
     svc, bus, pub, topics = rig
     seq = await _feed(pub, topics, 100.0, 1.0)
     await wait_until(lambda: bus.ccl() == pytest.approx(200.0), 2, "steady CCL")
-    real_step = service_module.step
+    real_step = service_module.step  # type: ignore[attr-defined]
     calls: list[bool] = []
 
     def broken_when_urgent(*args: Any, **kwargs: Any) -> Any:
@@ -352,7 +352,7 @@ async def test_after_a_failed_cycle_the_core_compares_every_rack(
     list without the core seeing it, so the next cycle must not rely on it."""
     svc, _bus, pub, topics = rig
     await _feed(pub, topics, 100.0, 0.5)
-    real_step = service_module.step
+    real_step = service_module.step  # type: ignore[attr-defined]
     seen: list[frozenset[str] | None] = []
     fail = [True]
 

@@ -128,7 +128,7 @@ async def test_active_losing_the_broker_hands_over_in_order(
     def start_controller(name: str, **kwargs: object) -> None:
         if name == "ctl-1":  # the one that will be active reaches the broker through the proxy
             kwargs["mqtt_port"] = proxy.port
-        original(name, **kwargs)  # type: ignore[arg-type]
+        original(name, **kwargs)
 
     chain.start_controller = start_controller  # type: ignore[method-assign]
     try:
@@ -173,7 +173,7 @@ async def test_active_whose_can_side_fails_is_replaced(
     def start_controller(name: str, **kwargs: object) -> None:
         if name == "ctl-1":  # the one that will be active reaches the CAN bus through the proxy
             kwargs["can_channel"] = f"127.0.0.1:{proxies[0].port}"
-        original(name, **kwargs)  # type: ignore[arg-type]
+        original(name, **kwargs)
 
     chain.start_controller = start_controller  # type: ignore[method-assign]
     try:

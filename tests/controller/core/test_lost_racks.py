@@ -313,9 +313,10 @@ def test_highest_floor_rack_goes_stale_dvl_holds_until_isolation_then_falls() ->
 @pytest.mark.parametrize("lost_rack", ["r1", "r2"])
 def test_contactor_reported_open_releases_the_voltage_hold_at_once(lost_rack: str) -> None:
     cfg = config(2, stale_after_ms=1000, isolation_s=30.0)
-    tel = {"r1": LOW_CEILING, "r2": HIGH_FLOOR}
-    lost = {**tel, lost_rack: heard(tel[lost_rack], 1.5)}
-    last = tel[lost_rack].measurements
+    tel: dict[str, TelemetryRecord | RackInput | None] = {"r1": LOW_CEILING, "r2": HIGH_FLOOR}
+    lost = {**tel, lost_rack: heard(LOW_CEILING if lost_rack == "r1" else HIGH_FLOOR, 1.5)}
+    last = (LOW_CEILING if lost_rack == "r1" else HIGH_FLOOR).measurements
+    assert last is not None
     opened = {**tel, lost_rack: telemetry(lost_rack, contactor=OPEN, cvl=last.charge_voltage_limit_v,
                                           dvl=last.discharge_voltage_limit_v)}
     released = (56.0, 46.0) if lost_rack == "r1" else (54.0, 42.0)

@@ -18,7 +18,8 @@ from controller.core.tables import Harmful, interpolate, play
 from shared.cluster import ConsolidatedState
 from shared.controller_config import AggregationConfig, Breakpoint, RosterRack
 from shared.models import PROTECTION_FLAG_NAMES
-from tests.controller.core.builders import flags, telemetry
+from shared.records import FlagsRecord
+from tests.controller.core.builders import telemetry
 
 TABLE = (Breakpoint(x=40.0, factor=1.0), Breakpoint(x=45.0, factor=0.5), Breakpoint(x=55.0, factor=0.0))
 
@@ -138,7 +139,7 @@ def test_latch_transitions(
     clear_s: float | None,
     expected: dict[str, Latch],
 ) -> None:
-    observed = None if alarms is None else flags(*alarms)
+    observed = None if alarms is None else FlagsRecord(**dict.fromkeys(alarms, True))
     assert dict(update_latches(previous, observed, 10.0, clear_s)) == expected
 
 
