@@ -2,15 +2,15 @@
 
 The controller already counts everything it does (cycles, sets sent, rejected payloads by reason,
 CAN and MQTT events); this collector reads those counters when scraped instead of keeping a second
-set on the hot path. The scrape runs in prometheus-client's server thread: it copies each counter
-table in one C-level call (safe against the loop adding a key meanwhile) and reads immutable state.
+set on the hot path. What it reads is :class:`ControllerReadings`, one member per metric family;
+:class:`controller.service.ControllerService` provides it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -19,7 +19,59 @@ from shared.cluster import RackState
 from shared.metrics import MetricsEndpoint
 
 if TYPE_CHECKING:
-    from controller.service import ControllerService
+    from controller.failover import Role
+    from controller.stats import ControllerStats
+    from shared.cluster import ConsolidatedState
+    from shared.mqtt import MqttStats
+
+
+class ControllerReadings(Protocol):
+    """What one scrape reads from the controller.
+
+    The scrape runs in prometheus-client's server thread, so each member is a plain read of state the
+    event loop keeps anyway: a counter table (copied here in one C-level call, safe against the loop
+    adding a key meanwhile), a flag, or an immutable state.
+    """
+
+    @property
+    def stats(self) -> ControllerStats:
+        """Control cycles, frame sets sent and refused, messages."""
+
+    @property
+    def payload_outcomes(self) -> Mapping[str, int]:
+        """Rack payloads by outcome (accepted, rejected_*, ...)."""
+
+    @property
+    def unknown_racks(self) -> Mapping[str, int]:
+        """Payloads by rack id, from racks not on the roster."""
+
+    @property
+    def can_events(self) -> Mapping[str, int]:
+        """Inverter bus events (sets, error frames, send failures, foreign frames)."""
+
+    @property
+    def can_healthy(self) -> bool: ...
+
+    @property
+    def mqtt_stats(self) -> MqttStats: ...
+
+    @property
+    def mqtt_connected(self) -> bool: ...
+
+    @property
+    def role(self) -> Role: ...
+
+    @property
+    def foreign_transmitter(self) -> bool:
+        """The foreign-transmitter alarm is raised now."""
+
+    @property
+    def foreign_transmitter_detections(self) -> int:
+        """Times the foreign-transmitter alarm rose."""
+
+    @property
+    def last_sent(self) -> ConsolidatedState | None:
+        """What the inverter was last told."""
 
 
 def _counters(name: str, documentation: str, label: str, values: Mapping[str, int]) -> CounterMetricFamily:
@@ -29,22 +81,22 @@ def _counters(name: str, documentation: str, label: str, values: Mapping[str, in
     return family
 
 
-class _ServiceCollector(Collector):
-    def __init__(self, service: ControllerService) -> None:
-        self._service = service
+class _ReadingsCollector(Collector):
+    def __init__(self, readings: ControllerReadings) -> None:
+        self._readings = readings
 
     def collect(self) -> Iterator[Metric]:
-        s = self._service
+        s = self._readings
         yield _counters("bmslink_controller_events", "Control cycles, frame sets sent and refused, messages",
                         "event", asdict(s.stats))
         yield _counters("bmslink_controller_telemetry", "Rack payloads by outcome (accepted, rejected_*)",
-                        "outcome", dict(s.table.counters))
+                        "outcome", dict(s.payload_outcomes))
         yield _counters("bmslink_controller_unknown_rack_payloads",
                         "Payloads from racks not on the roster (never counted; at most 64 ids tracked)",
-                        "rack", dict(s.table.unknown))
+                        "rack", dict(s.unknown_racks))
         yield _counters("bmslink_controller_can", "Inverter bus events (sets, error frames, send failures)",
-                        "event", dict(s.can.counters))
-        m = s.mqtt.stats
+                        "event", dict(s.can_events))
+        m = s.mqtt_stats
         yield _counters("bmslink_controller_mqtt", "Broker connection events and messages", "event", {
             "connects": m.connects,
             "disconnects": m.disconnects,
@@ -55,8 +107,8 @@ class _ServiceCollector(Collector):
             "publish_dropped_offline": m.publish_dropped_offline,
         })
         up = GaugeMetricFamily("bmslink_controller_up", "1 when the link works", labels=["link"])
-        up.add_metric(["mqtt"], 1.0 if s.mqtt.is_connected else 0.0)
-        up.add_metric(["can"], 1.0 if s.can.healthy else 0.0)
+        up.add_metric(["mqtt"], 1.0 if s.mqtt_connected else 0.0)
+        up.add_metric(["can"], 1.0 if s.can_healthy else 0.0)
         yield up
         role = GaugeMetricFamily("bmslink_controller_role", "1 for the role this controller has",
                                  labels=["role"])
@@ -70,7 +122,7 @@ class _ServiceCollector(Collector):
         yield CounterMetricFamily(
             "bmslink_controller_foreign_transmitter_detections",
             "Times the foreign-transmitter alarm rose (its frames: can event foreign_limits_frames)",
-            value=s.foreign.detections,
+            value=s.foreign_transmitter_detections,
         )
         state = s.last_sent
         if state is None:
@@ -93,6 +145,6 @@ class _ServiceCollector(Collector):
 
 
 class ControllerMetrics(MetricsEndpoint):
-    def __init__(self, service: ControllerService) -> None:
+    def __init__(self, readings: ControllerReadings) -> None:
         super().__init__()
-        self.registry.register(_ServiceCollector(service))
+        self.registry.register(_ReadingsCollector(readings))
