@@ -192,7 +192,7 @@ class ControlLoop:
         self._urgent = asyncio.Event()
         self.controlling = False  # run() runs: an urgent cycle may run where its payload is read
 
-    # -- told from outside -----------------------------------------------------------------------
+    # -- told from outside -------------------------------------------------------------------
 
     def wake(self) -> None:
         """Run the due cycle soon, on the control task (an urgent payload, a command, a reload)."""
@@ -216,7 +216,7 @@ class ControlLoop:
         self._resume_pending = True
         self._urgent.set()
 
-    # -- the cycle -------------------------------------------------------------------------------
+    # -- the cycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
         """The control task: wake at the next tick or heartbeat, or when woken, and run the due cycle."""

@@ -101,7 +101,7 @@ class FailoverLink:
         self._leader_decoder: Decoder[LeaderRecord] = Decoder(LeaderRecord)
         self.status_topic = topics.controller_status(config.node_id)
 
-    # -- what the control loop asks --------------------------------------------------------------
+    # -- what the control loop asks ----------------------------------------------------------
 
     @property
     def role(self) -> Role:
@@ -148,7 +148,7 @@ class FailoverLink:
             self.publish_status(now_s)
         return raised
 
-    # -- the pulse -------------------------------------------------------------------------------
+    # -- the pulse ---------------------------------------------------------------------------
 
     def started(self, now_s: float) -> None:
         """The loop runs as of ``now_s``: stall detection counts from here."""
@@ -227,7 +227,7 @@ class FailoverLink:
         if self.roles.role is not before:
             self._role_changed()
 
-    # -- the broker ------------------------------------------------------------------------------
+    # -- the broker --------------------------------------------------------------------------
 
     def publish_status(self, now: float) -> None:
         """This controller's status (role, epoch, foreign transmitter), retained on its status topic."""
@@ -266,7 +266,7 @@ class FailoverLink:
         # Epoch bookkeeping only: MQTT never starts or stops a transmission.
         self.roles.observe_epoch(record.epoch)
 
-    # -- the CAN bus: frames from others ---------------------------------------------------------
+    # -- the CAN bus: frames from others -----------------------------------------------------
 
     def on_can_frame(self, msg: can.Message, now_s: float) -> None:
         if msg.is_extended_id:

@@ -8,20 +8,23 @@ Where each job lives:
   deadlines, the SMA inhibit), the fail-safe set, what is sent to the inverter and published;
 * :mod:`controller.failover_link` — the role machine's pulse, the heartbeat frames, the leader
   record, the controller status and the foreign-transmitter alarm;
-* :mod:`controller.metrics` — the Prometheus endpoint, reading :class:`ControllerReadings` (below);
+* :mod:`controller.preparer` — routine payloads' racks computed in idle time for the next full cycle;
+* :mod:`controller.metrics` — the Prometheus endpoint, reading
+  :class:`~controller.metrics.ControllerReadings`, which this service provides;
 * :mod:`controller.modbus_server` — the optional read-only Modbus view of the consolidated state.
 
-This module keeps the one place the pure core is called (:meth:`ControllerService._compute`: a
-snapshot of the rack table, ``step``, the core's memory kept for the next cycle; and the preparer's
-``prepare`` beside it), the two operator commands (clear of latched alarms, reload), and start/stop.
+What stays here: the one place the pure core is called (:meth:`ControllerService._compute`, the
+control loop's ``compute``: ``step`` on a snapshot of the rack table, with the core's memory kept
+for the next cycle; and the preparer's ``prepare`` beside it), because that is where the table,
+the preparer and the memory meet (tests also replace ``controller.service.step`` to inject a core
+defect); the two operator commands (clear of latched alarms, reload); start and stop.
 
 Wiring order: the CAN port and the MQTT session take their handlers when they are made, and the
-parts take the port and session they use; the MQTT message handler (the hot path) is the ingest's
-own method, so the session is made last, and the few rare calls that cannot follow that order (a
-CAN frame from another node, the bus reopened, a publish, a takeover) go through the small
+parts take the port and session they use. The MQTT message handler, the hot path, is the ingest's
+own method, so the session is made last; the few calls that cannot follow that order (a CAN frame
+from another node, the bus reopened, a publish, a takeover) are rare and go through the small
 forwarding methods under "wiring".
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -190,7 +193,7 @@ class ControllerService:
     def _last_state(self) -> ConsolidatedState | None:
         return self.loop.state
 
-    # -- the parts' state, read by tests, the CLI and the metrics (ControllerReadings) ---------
+    # -- the parts' state, as tests and the metrics (ControllerReadings) read it -------------
 
     @property
     def roles(self) -> RoleMachine | None:
