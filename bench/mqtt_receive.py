@@ -19,7 +19,8 @@ Candidates (all MQTT 3.1.1, the controller's default):
 * ``paho-thread``: paho's own network thread (``loop_start``), each message handed to the loop with
   ``call_soon_threadsafe`` (what a handler on the loop needs);
 * ``gmqtt``: gmqtt, an asyncio-native client (its own protocol parser on an asyncio transport);
-* ``aiomqtt``: aiomqtt (paho in its external-loop mode, messages through an asyncio queue);
+* ``aiomqtt``: aiomqtt (paho in its external-loop mode, messages through an asyncio queue; not a
+  project dependency: skipped unless installed by hand);
 * ``session``: ``shared.mqtt.MqttSession`` as the controller uses it (gmqtt, with the session's
   handler contract on top).
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.util
 import json
 import os
 import random
@@ -306,6 +308,9 @@ async def _session(port: int, meter: Meter) -> None:
     await session.stop()
 
 
+# Candidates whose library the project does not depend on (installed by hand to measure them).
+LIBRARY = {"aiomqtt": "aiomqtt"}
+
 RECEIVERS: dict[str, Callable[[int, Meter], Any]] = {
     "paho-loop": lambda port, meter: _paho_loop(port, meter, one_per_event=False),
     "paho-loop-1": lambda port, meter: _paho_loop(port, meter, one_per_event=True),
@@ -381,7 +386,15 @@ def main() -> None:
         print(json.dumps(asyncio.run(receive(args.receive, args.port, args.n))), flush=True)
         return
 
-    candidates = [c for c in args.candidates.split(",") if c]
+    candidates = []
+    for candidate in (c for c in args.candidates.split(",") if c):
+        if candidate not in RECEIVERS:
+            parser.error(f"unknown candidate {candidate!r}; choose among {', '.join(RECEIVERS)}")
+        module = LIBRARY.get(candidate)
+        if module is not None and importlib.util.find_spec(module) is None:
+            print(f"skipped {candidate}: {module} is not installed (pip install {module})", flush=True)
+            continue
+        candidates.append(candidate)
     loads = {"burst": (args.n, 0.0), "paced": (PACED_RATE * PACED_SECONDS, float(PACED_RATE))}
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="bmslink-bench-mqtt-") as folder:
