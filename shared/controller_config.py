@@ -188,12 +188,12 @@ class FailoverConfig(Frozen):
 class ControllerMqttConfig(MqttConfig):
     """The controller's MQTT settings: as everywhere, but MQTT 3.1.1 unless ``protocol = "5"``.
 
-    The controller receives every rack's telemetry, and paho parses the MQTT 5 properties of every
-    received message (≈10 % of a core at 2000 msg/s, bench/controller_reaction.py), for nothing the
-    controller reads. The Message Expiry the agents set still holds: the broker applies it whatever
-    the subscriber's protocol (checked with mosquitto 2.0.11). What 3.1.1 costs: the controller's
-    own publishes carry no expiry, so its retained leader record stays until the next active
-    replaces it (the record is advisory, docs/failover.md).
+    The controller receives every rack's telemetry, and under MQTT 5 the client parses the properties
+    of every received message (docs/performance.md), for nothing the controller reads. The Message
+    Expiry the agents set still holds: the broker applies it whatever the subscriber's protocol
+    (checked with mosquitto 2.0.11). What 3.1.1 costs: the controller's own publishes carry no
+    expiry, so its retained leader record stays until the next active replaces it (the record is
+    advisory, docs/failover.md).
     """
 
     protocol: Annotated[str, Field(pattern=r"^(5|3\.1\.1)$")] = "3.1.1"
