@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ import tomllib
 from pathlib import Path
 
 from bmslink.monitor import run_monitor
-from bmslink.processes import Supervisor, find_mosquitto, free_port, wait_port, write_mosquitto_conf
+from bmslink.processes import CanBridge, MosquittoBroker, ProcessGroup, free_port
 from shared.config import MqttConfig
 
 SITE_ID = "demo"
@@ -65,6 +64,7 @@ profile = "{profile}"
 
 SITE_ACTIONS = ("kill_active", "restart_controller", "restart_broker")
 CONTROLLERS = (("ctl-a", 1, 0), ("ctl-b", 2, 1))  # name, node number, rank
+KILL_WAIT_S = 5.0  # a SIGKILLed controller is reaped within this
 
 
 def split_scenario(path: Path, run_dir: Path) -> tuple[Path | None, list[tuple[float, str]]]:
@@ -142,17 +142,13 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
     logging.getLogger().setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bmslink-demo-") as tmp:
         run_dir = Path(tmp)
-        sup = Supervisor(run_dir)
+        procs = ProcessGroup(run_dir / "procs")
+        broker = MosquittoBroker(run_dir / "broker")
+        bridge = CanBridge(run_dir / "can")
         try:
-            broker_port = free_port()
-            conf = write_mosquitto_conf(run_dir, broker_port)
-            await sup.start("mosquitto", [find_mosquitto(), "-c", str(conf)])
-            await wait_port("127.0.0.1", broker_port, 5.0)
-            can_port = free_port()
-            await sup.start("can-bridge", [sys.executable, "-m", "can_remote", "-i", "virtual", "-c", "0",
-                                           "-H", "127.0.0.1", "-p", str(can_port)])
-            await wait_port("127.0.0.1", can_port, 10.0)
-            bms_port = free_port()
+            await asyncio.to_thread(broker.start)
+            await asyncio.to_thread(bridge.start)
+            bms_port = free_port(span=args.racks)
             sim_argv = [*bmslink, "sim", "bms", "--racks", str(args.racks), "--transport", "tcp",
                         "--host", "127.0.0.1", "--port", str(bms_port), "--current", "40"]
             site_events: list[tuple[float, str]] = []
@@ -160,32 +156,30 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 sim_scenario, site_events = split_scenario(args.scenario, run_dir)
                 if sim_scenario is not None:
                     sim_argv += ["--scenario", str(sim_scenario)]
-            await sup.start("sim", sim_argv)
-            await sup.wait_for_line("sim", f"sim rack {args.racks - 1} ready", 15.0)
+            procs.start("sim", sim_argv)
+            await asyncio.to_thread(procs.wait_for_output, "sim", f"sim rack {args.racks - 1} ready", 15.0)
             for i in range(args.racks):
                 cfg = run_dir / f"agent-{i + 1:02d}.toml"
-                cfg.write_text(agent_toml(i, broker_port, bms_port + i))
-                await sup.start(f"agent-{i + 1:02d}", [*bmslink, "agent", "--config", str(cfg)])
+                cfg.write_text(agent_toml(i, broker.port, bms_port + i))
+                procs.start(f"agent-{i + 1:02d}", [*bmslink, "agent", "--config", str(cfg)])
             for name, number, rank in CONTROLLERS:
                 cfg_path = run_dir / f"{name}.toml"
                 cfg_path.write_text(controller_toml(
-                    args.racks, broker_port, can_port, node=name, node_number=number, rank=rank
+                    args.racks, broker.port, bridge.port, node=name, node_number=number, rank=rank
                 ))
-                await sup.start(name, [*bmslink, "controller", "--config", str(cfg_path)])
+                procs.start(name, [*bmslink, "controller", "--config", str(cfg_path)])
             status_file = run_dir / "inverter.json"
-            await sup.start("inverter", [*bmslink, "sim", "inverter", "--interface", "remote",
-                                         "--channel", f"127.0.0.1:{can_port}", "--dialect", "pylon",
-                                         "--ignore-id", "0x6E0", "--status-file", str(status_file)])
+            procs.start("inverter", [*bmslink, "sim", "inverter", "--interface", "remote",
+                                     "--channel", bridge.channel, "--dialect", "pylon",
+                                     "--ignore-id", "0x6E0", "--status-file", str(status_file)])
             view_events: list[str] = []
-            site = SiteControl(
-                sup, run_dir, bmslink, broker_conf=conf, broker_port=broker_port, log=view_events
-            )
+            site = SiteControl(procs, broker, run_dir, bmslink, log=view_events)
             tasks = [asyncio.create_task(site.run_events(site_events), name="demo-site-events")]
             keyboard = KeyboardKill(site)
             keyboard.start()
             if args.duration is not None:
                 asyncio.get_running_loop().call_later(args.duration, stop.set)
-            mqtt = MqttConfig(host="127.0.0.1", port=broker_port)
+            mqtt = MqttConfig(host="127.0.0.1", port=broker.port)
             try:
                 await run_monitor(mqtt, SITE_ID, stop,
                                   inverter_status=lambda: "\n".join([read_inverter_status(status_file),
@@ -196,34 +190,35 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            await sup.stop_all()
+            # Clients first, then the CAN bus and the broker they are connected to.
+            await asyncio.to_thread(procs.stop_all)
+            await asyncio.to_thread(bridge.stop)
+            await asyncio.to_thread(broker.close)
     return 0
 
 
 class SiteControl:
     """Site events of the demo: kill the active controller, restart a controller or the broker."""
 
-    def __init__(self, sup: Supervisor, run_dir: Path, bmslink: list[str], *, broker_conf: Path,
-                 broker_port: int, log: list[str]) -> None:
-        self.sup = sup
+    def __init__(self, procs: ProcessGroup, broker: MosquittoBroker, run_dir: Path, bmslink: list[str], *,
+                 log: list[str]) -> None:
+        self.procs = procs
+        self.broker = broker
         self.run_dir = run_dir
         self.bmslink = bmslink
-        self.broker_conf = broker_conf
-        self.broker_port = broker_port
         self.log = log
 
     def active_controller(self) -> str | None:
         """The controller whose log says it became active last (the demo reads its own children)."""
         latest: tuple[float, str] | None = None
         for name, _number, _rank in CONTROLLERS:
-            proc = self.sup.procs.get(name)
-            if proc is None or proc.returncode is not None:
+            if not self.procs.running(name):
                 continue
-            text = (self.run_dir / f"{name}.log").read_text(errors="replace")
+            text = self.procs.stderr(name)  # the controller logs to stderr
             active_at = text.rfind("role active")
             other_at = max(text.rfind("role standby"), text.rfind("role fenced"))
             if active_at > other_at:
-                mtime = (self.run_dir / f"{name}.log").stat().st_mtime
+                mtime = self.procs.get(name).stderr_path.stat().st_mtime
                 if latest is None or mtime > latest[0]:
                     latest = (mtime, name)
         return None if latest is None else latest[1]
@@ -233,10 +228,8 @@ class SiteControl:
         if name is None:
             self.log.append("kill: no active controller found")
             return
-        proc = self.sup.procs[name]
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        self.procs.send_signal(name, signal.SIGKILL)
+        await asyncio.to_thread(self.procs.wait, name, KILL_WAIT_S)
         self.log.append(
             f"{time.strftime('%H:%M:%S')} killed the active controller {name}; restarting it in 5 s"
         )
@@ -245,20 +238,16 @@ class SiteControl:
 
     async def restart_controller(self, name: str | None = None) -> None:
         for cname, _number, _rank in CONTROLLERS:
-            proc = self.sup.procs.get(cname)
-            if (name is None and (proc is None or proc.returncode is not None)) or cname == name:
-                await self.sup.start(cname, [*self.bmslink, "controller", "--config",
-                                             str(self.run_dir / f"{cname}.toml")])
+            if (name is None and not self.procs.running(cname)) or cname == name:
+                self.procs.start(cname, [*self.bmslink, "controller", "--config",
+                                         str(self.run_dir / f"{cname}.toml")])
                 self.log.append(f"{time.strftime('%H:%M:%S')} restarted {cname}: it joins as standby")
 
     async def restart_broker(self) -> None:
-        proc = self.sup.procs["mosquitto"]
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        await asyncio.to_thread(self.broker.kill)
         self.log.append(f"{time.strftime('%H:%M:%S')} broker killed; back in 3 s")
         await asyncio.sleep(3.0)
-        await self.sup.start("mosquitto", [find_mosquitto(), "-c", str(self.broker_conf)])
+        await asyncio.to_thread(self.broker.restart)  # on the same port: the clients reconnect there
         self.log.append(f"{time.strftime('%H:%M:%S')} broker restarted")
 
     async def run_events(self, events: list[tuple[float, str]]) -> None:

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from bmslink.processes import MosquittoBroker, ProcessGroup
 from tests.fixtures import leaks
-from tests.fixtures.broker import MosquittoBroker
-from tests.fixtures.procs import ProcessGroup
 from tests.fixtures.serial_pair import SerialPair
 
 ALLOW_LEAKS_MARKER = "allow_leaks"

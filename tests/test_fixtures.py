@@ -24,8 +24,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bmslink import processes as procs_module
 from tests.conftest import BrokerFactory
-from tests.fixtures import procs as procs_module
 from tests.fixtures.broker import LOOPBACK, BrokerError, MosquittoBroker, free_port
 from tests.fixtures.procs import ProcessError, ProcessGroup
 from tests.fixtures.serial_pair import SerialPair
