@@ -14,15 +14,14 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bmslink.processes import free_port
+from bmslink.processes import ProcessGroup, free_port
 from rack_agent.agent import RackAgent
 from rack_agent.links import BmsLink
 from rack_agent.unit import UnitRuntime
@@ -30,6 +29,7 @@ from shared.agent_config import AgentConfig
 from shared.config import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
+SIM_READY_TIMEOUT_S = 30.0
 
 
 class TimedAgent(RackAgent):
@@ -106,28 +106,23 @@ def main() -> int:
     header = (f"{'units':>5} {'cycles/s':>9} {'polls/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'CPU s/1000':>10} {'CPU %':>6} {'skipped':>7} {'fail':>5}")
     print(header)
-    for n in args.units:
-        base = free_port(span=n)
-        sim = subprocess.Popen(
-            [sys.executable, "-m", "bmslink", "--log-level", "error", "sim", "bms", "--racks", str(n),
-             "--transport", "tcp", "--host", "127.0.0.1", "--port", str(base)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
-        )
-        try:
-            assert sim.stdout is not None
-            ready = 0
-            while ready < n:
-                line = sim.stdout.readline().decode()
-                if not line:
-                    raise RuntimeError("simulator exited")
-                ready += "ready" in line
-            r = asyncio.run(measure(n, base, args.seconds, args.profile))
-        finally:
-            os.killpg(sim.pid, signal.SIGINT)
-            sim.wait(10)
-        print(f"{r['units']:>5} {r['cycles_per_s']:>9.2f} {r['unit_polls_per_s']:>8.1f} {r['p50_ms']:>7.2f} "
-              f"{r['p99_ms']:>7.2f} {r['cpu_s_per_1000_polls']:>10.3f} {r['cpu_share_pct']:>6.1f} "
-              f"{r['skipped_slots']:>7} {r['failures']:>5}")
+    with tempfile.TemporaryDirectory(prefix="bench-agent-poll-") as tmp:
+        procs = ProcessGroup(Path(tmp))
+        for n in args.units:
+            base = free_port(span=n)
+            sim = f"sim-{n}"
+            procs.start(sim, [sys.executable, "-m", "bmslink", "--log-level", "error", "sim", "bms",
+                              "--racks", str(n), "--transport", "tcp", "--host", "127.0.0.1",
+                              "--port", str(base)], cwd=ROOT)
+            try:
+                # One "sim rack N ready: ..." line per unit.
+                procs.wait_for_output(sim, " ready:", SIM_READY_TIMEOUT_S, count=n)
+                r = asyncio.run(measure(n, base, args.seconds, args.profile))
+            finally:
+                procs.stop(sim)
+            print(f"{r['units']:>5} {r['cycles_per_s']:>9.2f} {r['unit_polls_per_s']:>8.1f}"
+                  f" {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['cpu_s_per_1000_polls']:>10.3f}"
+                  f" {r['cpu_share_pct']:>6.1f} {r['skipped_slots']:>7} {r['failures']:>5}")
     return 0
 
 

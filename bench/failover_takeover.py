@@ -25,9 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bmslink.processes import MosquittoBroker, ProcessGroup  # noqa: E402 - after the path set-up
 from tests.e2e.rig import HEARTBEAT_MS, Chain  # noqa: E402 - the same rig the tests use
-from tests.fixtures.broker import MosquittoBroker  # noqa: E402
-from tests.fixtures.procs import ProcessGroup  # noqa: E402
 
 CONTROLLER_BEAT_S = 0.1
 

@@ -290,8 +290,8 @@ class ProcessGroup:
         """stdout followed by stderr of ``name`` (two files, so the relative order of lines is lost)."""
         return self.stdout(name) + self.stderr(name)
 
-    def wait_for_output(self, name: str, needle: str, timeout_s: float) -> str:
-        """Wait until ``needle`` appears in the output of ``name``; return the output.
+    def wait_for_output(self, name: str, needle: str, timeout_s: float, *, count: int = 1) -> str:
+        """Wait until ``needle`` appears (``count`` times) in the output of ``name``; return the output.
 
         Fails early, with the output, if the process exits without having printed it.
         """
@@ -299,7 +299,7 @@ class ProcessGroup:
         while True:
             exited = self.get(name).poll() is not None
             text = self.output(name)
-            if needle in text:
+            if text.count(needle) >= count:
                 return text
             if exited:
                 raise ProcessError(f"{name!r} exited without printing {needle!r}:\n{self._tail(text)}")
