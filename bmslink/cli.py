@@ -140,8 +140,8 @@ def _settle_heap_for_control() -> None:
     What exists after start-up (config, DBC, tables) lives as long as the process: frozen, the
     collector stops re-scanning it. The cycle allocates many short-lived objects; with the default
     gen-0 threshold (700) the young collections, and the full collections they cascade into, were
-    the p99 of a cycle at 1000 racks (bench/controller_reaction.py step table: tick p99 34 → 12 ms
-    with these values). Reference cycles are still collected, only less often.
+    the p99 of a cycle at 1000 racks (docs/performance.md). Reference cycles are still collected,
+    only less often.
     """
     gc.collect()
     gc.freeze()

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 CONTROL_TICK_S = 0.1
 SMA_INHIBIT_S = 0.2  # SMA: no ID more often than every 200 ms
 # A lowered limit is published for monitoring at once, but not more often than this: at a
-# thousand racks the consolidated state is ~130 kB and 2.4 ms to encode, and a burst of decreases
+# thousand racks the consolidated state is large and slow to encode, and a burst of decreases
 # must not turn the monitoring copy into the controller's main load (the CAN frames go first anyway).
 STATE_PUBLISH_MIN_GAP_S = 0.1
 

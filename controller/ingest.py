@@ -8,7 +8,7 @@ it in idle time for the next full cycle.
 The handler does more than hand off, on purpose: it is called by the MQTT session on the event loop
 (no queue in between), and while the control loop runs, an urgent payload's cycle runs right here,
 before the rest of the read batch. Waking the control task instead cost a loop turn and a task
-switch (~0.1 ms in the running controller) on the path of every lowering (docs/performance.md). The
+switch on the path of every lowering (docs/performance.md). The
 cycle never raises (:meth:`~controller.control_loop.ControlLoop.run_due_cycle` fails safe), so a
 core defect is the control loop's, not the session's.
 """

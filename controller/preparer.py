@@ -1,9 +1,8 @@
 """Routine payloads' racks computed in idle time, ahead of the full cycle that takes them in.
 
 A full cycle recomputes every rack whose routine payload arrived since the previous one: at 100
-racks × 2 Hz about 20 racks, 1.7 ms in one block in the running controller (p50; the code and
-data are cold there), and a lowering that arrived during it waited that long before its urgent
-cycle could start. Here each routine payload's rack is computed soon after the payload is stored,
+racks × 2 Hz about 20 racks in one block (docs/performance.md has the time it takes), and a
+lowering that arrived during it waited that long before its urgent cycle could start. Here each routine payload's rack is computed soon after the payload is stored,
 in short slices on the event loop, and the full cycle takes those outcomes
 (``core.engine.prepare`` and ``step(prepared=...)``): the same work, spread out, so a lowering
 waits at most one slice. The core takes a prepared outcome only where it is exactly the one it
@@ -11,9 +10,8 @@ would compute itself, so nothing here can change what the inverter is told, only
 is done.
 
 Racks are gathered for ``DELAY_S`` and then computed back to back: one rack at a time between the
-reads ran cold (the rack code evicted by the receive path each time) and cost about a fifth more
-CPU at 1000 racks × 2 Hz than the same racks computed in a batch (controller alone 26.8 % of a core,
-gathered for 10 ms 24.1 %, no preparation 21.4 %; three alternating runs each).
+reads ran cold (the rack code evicted by the receive path each time) and cost more CPU than the
+same racks computed in a batch (docs/performance.md, path of a message, point 10).
 """
 
 from __future__ import annotations

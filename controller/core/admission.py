@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 
-# A NamedTuple: one is made per rack per payload (a frozen dataclass costs three times as much).
+# A NamedTuple: one is made per rack per payload (docs/performance.md, "Per-rack values").
 class Admission(NamedTuple):
     """One rack's admission this cycle; ``ok_since_s`` is what the memory carries forward."""
 

@@ -41,7 +41,7 @@ STALE_AFTER_MIN_S = 1.0
 STALE_AFTER_MAX_S = 10.0
 
 
-# A NamedTuple: one is made per rack per payload (a frozen dataclass costs three times as much).
+# A NamedTuple: one is made per rack per payload (docs/performance.md, "Per-rack values").
 class Reading(NamedTuple):
     """What one rack's input says this cycle, before its alarms are considered.
 

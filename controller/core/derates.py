@@ -106,7 +106,7 @@ class WindowSums(NamedTuple):
         return covariance / spread
 
 
-# A NamedTuple: one is made per rack per payload (a frozen dataclass costs three times as much).
+# A NamedTuple: one is made per rack per payload (docs/performance.md, "Per-rack values").
 class DerateMemory(NamedTuple):
     """What the derates of one rack carry between cycles."""
 
@@ -118,7 +118,7 @@ class DerateMemory(NamedTuple):
     sums: WindowSums | None = None  # of ``samples`` (rebuilt from them when absent)
 
 
-# A NamedTuple: one is made per rack per payload (a frozen dataclass costs three times as much).
+# A NamedTuple: one is made per rack per payload (docs/performance.md, "Per-rack values").
 class Derate(NamedTuple):
     """Factors (0..1) on one rack's CCL and DCL, with a note per factor below 1."""
 

@@ -95,7 +95,7 @@ def _no_racks() -> Mapping[str, RackMemory]:
     return MappingProxyType({})
 
 
-# A NamedTuple: one is made per rack per payload (a frozen dataclass costs three times as much).
+# A NamedTuple: one is made per rack per payload (docs/performance.md, "Per-rack values").
 class RackMemory(NamedTuple):
     """What one rack carries between cycles."""
 
@@ -134,8 +134,8 @@ class CoreMemory:
 
 
 class _Rack(NamedTuple):
-    """One roster rack's outcome of step 1 (a NamedTuple: made for every changed rack, and a
-    frozen dataclass costs three times as much to build)."""
+    """One roster rack's outcome of step 1 (a NamedTuple: made for every changed rack;
+    docs/performance.md, "Per-rack values")."""
 
     rack_id: str
     reading: Reading
@@ -429,7 +429,7 @@ def prepare(
 
     The shell calls this in idle time for a routine payload, so that the next full cycle takes the
     outcome instead of recomputing the rack then: a full cycle at 100 racks recomputed ~20 racks
-    in one block (1.7 ms in the running controller), and a lowering arriving meanwhile waited.
+    in one block (docs/performance.md), and a lowering arriving meanwhile waited.
 
     Only an outcome that time cannot move is kept: not stale, fully admitted or out, and its
     admission started no earlier or later because of when it was computed (latches are observed at

@@ -43,7 +43,7 @@ from shared.controller_config import AggregationConfig, RosterRack
 LOST_STATES = frozenset({RackState.STALE, RackState.INVALID, RackState.COMM_LOST})
 
 
-# A NamedTuple: one is made per rack per payload (a frozen dataclass costs three times as much).
+# A NamedTuple: one is made per rack per payload (docs/performance.md, "Per-rack values").
 class Isolation(NamedTuple):
     """One rack's place in the bank as last known, after this cycle.
 

@@ -116,7 +116,7 @@ class Member(NamedTuple):
     """One rack as the table sees it: its telemetry, its roster capacity, share and derated limits.
 
     Made with :func:`member`, which derives the last three fields. (A NamedTuple: one is made per
-    rack per payload, and a frozen dataclass costs three times as much to build.)
+    rack per payload; docs/performance.md, "Per-rack values".)
     """
 
     rack_id: str
