@@ -2,8 +2,9 @@
 
 A full cycle recomputes every rack whose routine payload arrived since the previous one: at 100
 racks × 2 Hz about 20 racks in one block (docs/performance.md has the time it takes), and a
-lowering that arrived during it waited that long before its urgent cycle could start. Here each routine payload's rack is computed soon after the payload is stored,
-in short slices on the event loop, and the full cycle takes those outcomes
+lowering that arrived during it waited that long before its urgent cycle could start. Here each
+routine payload's rack is computed soon after the payload is stored, in short slices on the event
+loop, and the full cycle takes those outcomes
 (``core.engine.prepare`` and ``step(prepared=...)``): the same work, spread out, so a lowering
 waits at most one slice. The core takes a prepared outcome only where it is exactly the one it
 would compute itself, so nothing here can change what the inverter is told, only when the work
