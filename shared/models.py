@@ -171,17 +171,24 @@ class RackMeasurements(_Frozen):
 
     @model_validator(mode="after")
     def _ordered(self) -> RackMeasurements:
-        if self.cell_voltage_min_v > self.cell_voltage_max_v:
-            raise ValueError(
-                f"cell_voltage_min_v {self.cell_voltage_min_v} "
-                f"exceeds cell_voltage_max_v {self.cell_voltage_max_v}"
-            )
-        if self.temperature_min_c > self.temperature_max_c:
-            raise ValueError(
-                f"temperature_min_c {self.temperature_min_c} "
-                f"exceeds temperature_max_c {self.temperature_max_c}"
-            )
+        check_measurement_order(self)
         return self
+
+
+def check_measurement_order(m: RackMeasurements) -> None:
+    """The cross-field rule of :class:`RackMeasurements`: each minimum is at most its maximum.
+
+    Raises ``ValueError``. A function of its own so the rule has one definition: the model's
+    validator calls it, and :mod:`shared.records` runs it as each record's ``__post_init__``.
+    """
+    if m.cell_voltage_min_v > m.cell_voltage_max_v:
+        raise ValueError(
+            f"cell_voltage_min_v {m.cell_voltage_min_v} exceeds cell_voltage_max_v {m.cell_voltage_max_v}"
+        )
+    if m.temperature_min_c > m.temperature_max_c:
+        raise ValueError(
+            f"temperature_min_c {m.temperature_min_c} exceeds temperature_max_c {m.temperature_max_c}"
+        )
 
 
 class RackTelemetry(_Frozen):
@@ -208,13 +215,23 @@ class RackTelemetry(_Frozen):
 
     @model_validator(mode="after")
     def _comm_lost_grants_nothing(self) -> RackTelemetry:
-        m = self.measurements
-        if (
-            self.comm_state is RackCommState.COMM_LOST
-            and m is not None
-            and (m.charge_current_limit_a != 0.0 or m.discharge_current_limit_a != 0.0)
-        ):
-            raise ValueError("a comm_lost rack must carry zero charge and discharge current limits")
-        if self.comm_state is RackCommState.OK and m is None:
-            raise ValueError("comm_state ok requires measurements")
+        check_comm_state(self)
         return self
+
+
+def check_comm_state(t: RackTelemetry) -> None:
+    """The cross-field rule of :class:`RackTelemetry`: a comm_lost rack carries zero current limits,
+    and an ok rack carries measurements.
+
+    Raises ``ValueError``. Also each telemetry record's ``__post_init__`` (see
+    :func:`check_measurement_order`).
+    """
+    m = t.measurements
+    if (
+        t.comm_state is RackCommState.COMM_LOST
+        and m is not None
+        and (m.charge_current_limit_a != 0.0 or m.discharge_current_limit_a != 0.0)
+    ):
+        raise ValueError("a comm_lost rack must carry zero charge and discharge current limits")
+    if t.comm_state is RackCommState.OK and m is None:
+        raise ValueError("comm_state ok requires measurements")

@@ -1,15 +1,19 @@
 """The controller's records (``shared.records``) are a fast path of the pydantic contract, never a
 second contract: they accept nothing the models reject, and what they accept has the models' values.
 
-``agree`` is the rule, checked on every payload below: if the records accept, the models accept
-and the record equals the model's; and ``TelemetryDecoder`` (records, then models for what the
-records refuse) gives the models' outcome, the same rejection reason included.
+The records are derived from the models at import, so nothing here compares them field by field:
+the payloads below do. ``agree`` is the rule, checked on every payload: if the records accept, the
+models accept and the record equals the model's; and ``TelemetryDecoder`` (records, then models for
+what the records refuse) gives the models' outcome, the same rejection reason included. The last
+tests hold the derivation to refusing, at import, whatever of a model it cannot translate.
 """
 
 from __future__ import annotations
 
+import gc
 import math
-from typing import Any
+import re
+from typing import Annotated, Any
 
 import annotated_types
 import msgpack
@@ -17,7 +21,7 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 from shared.codec import DecodeError, Decoder, RejectReason, encode, telemetry_decoder
 from shared.models import (
@@ -33,22 +37,12 @@ from shared.models import (
 )
 from shared.records import (
     FlagsRecord,
-    LinkCountersRecord,
-    MeasurementsRecord,
     TelemetryDecoder,
     TelemetryRecord,
-    UnitLinkRecord,
+    derive_records,
     record_of,
 )
 from tests.contract.samples import msgpack_values, telemetry
-
-PAIRS: list[tuple[type[BaseModel], type[msgspec.Struct]]] = [
-    (ProtectionFlags, FlagsRecord),
-    (LinkCounters, LinkCountersRecord),
-    (UnitLink, UnitLinkRecord),
-    (RackMeasurements, MeasurementsRecord),
-    (RackTelemetry, TelemetryRecord),
-]
 
 _FAST = msgspec.msgpack.Decoder(TelemetryRecord)
 
@@ -92,28 +86,6 @@ def agree(payload: bytes) -> TelemetryRecord | None:
         assert decoder.accepted == 1
         assert decoder.fast_accepted == (1 if fast is not None else 0)
     return fast
-
-
-@pytest.mark.parametrize(("model", "record"), PAIRS)
-def test_each_record_has_the_models_fields_in_order_with_their_defaults(
-    model: type[BaseModel], record: type[msgspec.Struct]
-) -> None:
-    assert record.__struct_fields__ == tuple(model.model_fields)
-    defaults = {
-        f.name: f.default for f in msgspec.structs.fields(record) if f.default is not msgspec.NODEFAULT
-    }
-    for name, info in model.model_fields.items():
-        if name == "schema_version":
-            assert name not in defaults  # the wire must carry it (the codec refuses a payload without)
-            continue
-        if info.is_required():
-            assert name not in defaults, name
-        else:
-            mine = defaults[name]
-            theirs = info.get_default(call_default_factory=True)
-            mine_plain = msgspec.to_builtins(mine) if isinstance(mine, msgspec.Struct) else mine
-            theirs_plain = theirs.model_dump(mode="json") if isinstance(theirs, BaseModel) else theirs
-            assert mine_plain == theirs_plain, name
 
 
 def test_the_sample_payload_takes_the_fast_path() -> None:
@@ -246,6 +218,25 @@ def _place(raw: dict[str, Any], where: str) -> dict[str, Any]:
     return raw["units"][0]["counters"]  # type: ignore[no-any-return]
 
 
+_MODEL_AT: dict[str, type[BaseModel]] = {
+    "top": RackTelemetry, "measurements": RackMeasurements, "alarms": ProtectionFlags,
+    "unit": UnitLink, "counters": LinkCounters,
+}
+_DEFAULTED = [
+    (where, name) for where, model in _MODEL_AT.items()
+    for name, info in model.model_fields.items() if not info.is_required()
+]
+
+
+@pytest.mark.parametrize(("where", "name"), _DEFAULTED)
+def test_every_field_left_out_gets_the_models_default(where: str, name: str) -> None:
+    raw = _raw()
+    del _place(raw, where)[name]
+    fast = agree(_pack(raw))
+    # The models default schema_version for producers building one; the wire must carry it.
+    assert (fast is None) == (name == "schema_version")
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.data())
 def test_any_one_field_set_to_anything_gets_the_models_verdict(data: st.DataObject) -> None:
@@ -313,10 +304,133 @@ def test_records_read_their_flags_as_the_models_do() -> None:
 def test_records_stay_out_of_the_cyclic_collector() -> None:
     """Six records per payload at 2000 payloads a second: none of them can be in a reference cycle
     (frozen, holding only scalars and records), so the collector does not track them."""
-    import gc  # noqa: PLC0415
-
     record = TelemetryDecoder().decode(encode(telemetry()))
     assert record.measurements is not None
     for item in (record, record.measurements, record.measurements.alarms, record.units[0],
                  record.units[0].counters):
         assert not gc.is_tracked(item), type(item).__name__
+
+
+# The derivation itself, on small models: what it translates gives the model's verdicts; what it
+# cannot translate is refused when the records are built (at import), never dropped.
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _Tagged(_Frozen):
+    # Rust's `$` (pydantic's engine) matches only at the end; Python's also before a final newline.
+    tag: Annotated[str, Strict(), Field(pattern=r"^[a-z]+\$?$")]
+    # Bounded below only, finite: the record bounds it above by the largest float.
+    reading: Annotated[float, Strict(), Field(gt=0.0, allow_inf_nan=False)] = 1.0
+    # Not finite by contract: the record must not add a bound the model does not have.
+    spare: float | None = None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"tag": "ab"}, {"tag": "ab\n"}, {"tag": "ab$"}, {"tag": "ab$\n"}, {"tag": "a$b"},
+     {"tag": "ab", "reading": math.inf}, {"tag": "ab", "reading": math.nan}, {"tag": "ab", "reading": 0.0},
+     {"tag": "ab", "reading": 5e-324}, {"tag": "ab", "reading": 1.7976931348623157e308},
+     {"tag": "ab", "spare": math.inf}, {"tag": "ab", "spare": -math.inf}, {"tag": "ab", "spare": None}],
+)
+def test_a_derived_record_gives_its_models_verdict(value: dict[str, Any]) -> None:
+    record = derive_records(_Tagged, names={_Tagged: "TaggedRecord"})[_Tagged]
+    try:
+        model: _Tagged | None = _Tagged.model_validate(value)
+    except ValueError:
+        model = None
+    try:
+        fast: msgspec.Struct | None = msgspec.msgpack.decode(_pack(value), type=record)
+    except msgspec.ValidationError:
+        fast = None
+    assert (fast is None) == (model is None), value
+    if model is not None:
+        assert msgspec.structs.asdict(fast) == model.model_dump()  # type: ignore[arg-type]
+
+
+class _Inner(_Frozen):
+    n: int = 0
+
+
+class _Outer(_Frozen):
+    inner: _Inner = _Inner()
+
+
+class _Checked(_Frozen):
+    low: int
+    high: int
+
+    @model_validator(mode="after")
+    def _ordered(self) -> _Checked:
+        _check_order(self)
+        return self
+
+
+def _check_order(value: Any) -> None:
+    if value.low > value.high:
+        raise ValueError("low exceeds high")
+
+
+def test_a_cross_field_check_runs_on_the_record_as_on_the_model() -> None:
+    record = derive_records(_Checked, names={_Checked: "CheckedRecord"}, checks={_Checked: _check_order})
+    decode = msgspec.msgpack.Decoder(record[_Checked]).decode
+    assert msgspec.structs.astuple(decode(_pack({"low": 1, "high": 2}))) == (1, 2)
+    with pytest.raises(msgspec.ValidationError, match="low exceeds high"):
+        decode(_pack({"low": 3, "high": 2}))
+
+
+def _model(name: str, annotation: Any, config: ConfigDict | None = None) -> type[BaseModel]:
+    """A model of one field ``x``, frozen and refusing extra fields unless ``config`` says otherwise."""
+    config = config or ConfigDict(frozen=True, extra="forbid")
+    return type(name, (BaseModel,), {"__annotations__": {"x": annotation}, "model_config": config})
+
+
+class _Validated(_Frozen):
+    x: int
+
+    @field_validator("x")
+    @classmethod
+    def _even(cls, value: int) -> int:
+        return value
+
+
+class _Aliased(_Frozen):
+    x: int = Field(alias="y")
+
+
+class _Factory(_Frozen):
+    x: tuple[int, ...] = Field(default_factory=tuple)
+
+
+@pytest.mark.parametrize(
+    ("model", "checks", "why"),
+    [
+        (_model("Multiple", Annotated[int, annotated_types.MultipleOf(2)]), {}, "MultipleOf"),
+        (_model("Listed", list[int]), {}, "list"),
+        (_model("Dollar", Annotated[str, Field(pattern=r"^a$|^b$")]), {}, "inside pattern"),
+        (_model("Finite", Annotated[int, Field(allow_inf_nan=False)]), {}, "non-float"),
+        (_model("Loose", int, ConfigDict(frozen=True, extra="ignore")), {}, "extra='forbid'"),
+        (_model("Thawed", int, ConfigDict(extra="forbid")), {}, "frozen"),
+        (_Validated, {}, "field validators"),
+        (_Aliased, {}, "aliases"),
+        (_Factory, {}, "default factories"),
+        (_Checked, {}, "model_validator"),  # a cross-field rule the record would not run
+        (_Outer, {}, "_Inner: no record name"),
+        (_Inner, {_Checked: _check_order}, "not reached"),  # a stale entry
+    ],
+)
+def test_the_derivation_refuses_what_it_cannot_translate(
+    model: type[BaseModel], checks: dict[type[BaseModel], Any], why: str
+) -> None:
+    with pytest.raises(TypeError, match=re.escape(why)):
+        derive_records(model, names={model: "Record"}, checks=checks)
+
+
+def test_a_python_re_model_keeps_its_pattern() -> None:
+    config = ConfigDict(frozen=True, extra="forbid", regex_engine="python-re")
+    model = _model("PythonRe", Annotated[str, Field(pattern=r"^a$")], config)
+    record = derive_records(model, names={model: "Record"})[model]
+    assert msgspec.msgpack.decode(_pack({"x": "a\n"}), type=record) is not None  # Python's `$`, as the model
+    assert model.model_validate({"x": "a\n"}) is not None
