@@ -19,7 +19,7 @@ from controller.service import ControllerService, must_send_now
 from shared.cluster import ClusterFlags, ConsolidatedState
 from shared.codec import Decoder, encode
 from shared.config import MetricsConfig, MqttConfig, validate_config
-from shared.controller_config import ControllerConfig, Dialect
+from shared.controller_config import ControllerConfig, Dialect, ModbusServerConfig
 from shared.models import ProtectionFlags
 from shared.mqtt import MqttSession
 from shared.topics import Topics
@@ -266,7 +266,7 @@ async def test_optional_modbus_view_serves_the_consolidated_state(mqtt_broker: M
                                                                    unique_topic_prefix: str) -> None:
     port = free_port()
     cfg = config(mqtt_broker, unique_topic_prefix, f"inv-{free_port()}").model_copy(
-        update={"modbus_server": {"enabled": True, "host": "127.0.0.1", "port": port}})
+        update={"modbus_server": ModbusServerConfig(enabled=True, host="127.0.0.1", port=port)})
     cfg = ControllerConfig.model_validate(cfg.model_dump())
     svc = ControllerService(cfg)
     await svc.start()
