@@ -63,7 +63,10 @@ def run_publisher(args: argparse.Namespace) -> None:
     sock.sendall(connect_packet(f"bench-pub-{os.getpid()}"))
     if sock.recv(4)[:2] != b"\x20\x02":
         raise SystemExit("publisher: no CONNACK")
-    seq = time.time_ns() // 1000  # above anything an earlier run used (microseconds)
+    # Each rack's own seq, counting up by one per payload as an agent's does (a seq shared by all
+    # racks would jump by the roster size between one rack's payloads, which the controller refuses
+    # as a jump beyond its publish rate); the start is above anything an earlier run used.
+    seqs = [time.time_ns() // 1000] * n
     rate = float(args.rate)
     t0, sent, total, late = time.monotonic(), 0, 0, 0
     stdin = sys.stdin.fileno()
@@ -73,9 +76,8 @@ def run_publisher(args: argparse.Namespace) -> None:
     pending = b""
 
     def one(i: int) -> bytes:
-        nonlocal seq
-        struct.pack_into(">Q", packets[i], seq_at[i], seq)
-        seq += 1
+        seqs[i] += 1
+        struct.pack_into(">Q", packets[i], seq_at[i], seqs[i])
         return bytes(packets[i])
 
     def reply(line: str) -> None:
