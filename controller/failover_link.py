@@ -261,7 +261,7 @@ class FailoverLink:
         try:
             record = self._leader_decoder.decode(payload, self._topics.leader)
         except DecodeError as exc:
-            log.warning("ignoring leader record: %s", exc)
+            self._throttled.warning("leader", "ignoring leader record: %s", exc)
             return
         # Epoch bookkeeping only: MQTT never starts or stops a transmission.
         self.roles.observe_epoch(record.epoch)
