@@ -15,16 +15,14 @@ from typing import Any
 
 import pytest
 
-from bmslink.processes import free_port
-from controller.service import ControllerService
 from shared.codec import encode
-from shared.config import MqttConfig, validate_config
+from shared.config import validate_config
 from shared.controller_config import ControllerConfig
 from shared.mqtt import MqttSession
 from shared.topics import Topics
 from tests.agent.helpers import wait_until
 from tests.contract.samples import measurements, telemetry
-from tests.controller.test_service import Bus
+from tests.controller.test_service import Rig, running_service
 from tests.fixtures.broker import MosquittoBroker
 
 STALE_AFTER_S = 1.0
@@ -47,25 +45,9 @@ def config(broker: MosquittoBroker, prefix: str, channel: str) -> ControllerConf
 
 
 @pytest.fixture
-async def rig(
-    mqtt_broker: MosquittoBroker, unique_topic_prefix: str
-) -> AsyncIterator[tuple[ControllerService, Bus, MqttSession, Topics]]:
-    channel = f"inv-{free_port()}"
-    bus = Bus(channel)
-    svc = ControllerService(config(mqtt_broker, unique_topic_prefix, channel))
-    pub = MqttSession(
-        MqttConfig(host="127.0.0.1", port=mqtt_broker.port, topic_prefix=unique_topic_prefix), "hold-pub"
-    )
-    await svc.start()
-    await pub.start()
-    assert await pub.wait_connected(5)
-    assert await svc.mqtt.wait_connected(5)
-    try:
-        yield svc, bus, pub, Topics(unique_topic_prefix, "site-a")
-    finally:
-        await pub.stop()
-        await svc.stop()
-        bus.close()
+async def rig(mqtt_broker: MosquittoBroker, unique_topic_prefix: str) -> AsyncIterator[Rig]:
+    async with running_service(mqtt_broker, unique_topic_prefix, config) as parts:
+        yield parts
 
 
 LIMITS_A = {"rack-01": 40.0, "rack-02": 100.0}

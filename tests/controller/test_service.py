@@ -4,9 +4,10 @@ immediate decreases, fail-safe on a core defect, bus-health counting, reload of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import can
@@ -59,26 +60,35 @@ class Bus:
         self.bus.shutdown()
 
 
-@pytest.fixture
-async def rig(
-    mqtt_broker: MosquittoBroker, unique_topic_prefix: str
-) -> AsyncIterator[tuple[ControllerService, Bus, MqttSession, Topics]]:
+Rig = tuple[ControllerService, Bus, MqttSession, Topics]
+
+
+@contextlib.asynccontextmanager
+async def running_service(
+    broker: MosquittoBroker, prefix: str, make_config: Callable[[MosquittoBroker, str, str], ControllerConfig]
+) -> AsyncIterator[Rig]:
+    """A started controller (config from ``make_config(broker, prefix, channel)``), a listener on its
+    inverter bus and a connected publisher; all stopped on exit."""
     channel = f"inv-{free_port()}"
     bus = Bus(channel)
-    svc = ControllerService(config(mqtt_broker, unique_topic_prefix, channel))
-    pub = MqttSession(
-        MqttConfig(host="127.0.0.1", port=mqtt_broker.port, topic_prefix=unique_topic_prefix), "pub"
-    )
+    svc = ControllerService(make_config(broker, prefix, channel))
+    pub = MqttSession(MqttConfig(host="127.0.0.1", port=broker.port, topic_prefix=prefix), "pub")
     await svc.start()
     await pub.start()
     assert await pub.wait_connected(5)
     assert await svc.mqtt.wait_connected(5)
     try:
-        yield svc, bus, pub, Topics(unique_topic_prefix, "site-a")
+        yield svc, bus, pub, Topics(prefix, "site-a")
     finally:
         await pub.stop()
         await svc.stop()
         bus.close()
+
+
+@pytest.fixture
+async def rig(mqtt_broker: MosquittoBroker, unique_topic_prefix: str) -> AsyncIterator[Rig]:
+    async with running_service(mqtt_broker, unique_topic_prefix, config) as parts:
+        yield parts
 
 
 def _publish(pub: MqttSession, topics: Topics, rack: str, seq: int, ccl: float) -> None:
