@@ -18,9 +18,11 @@ replay the same bytes): the digest of every (topic, payload, retain) is printed 
 What a mutation may not test: a payload the contract accepts *is* a rack speaking (the broker's ACLs,
 not the controller, keep impostors out; deploy/README.md). Such a payload sent on a roster rack's
 topic therefore never carries more than that rack's genuine limits, nor a contactor "open" (which
-would legitimately let the bank rise): an honest-typed limit above the genuine one is lowered to it
-before sending (``_honest``). A wrongly-typed one ("9999" as a string, ``true``) is left as it is:
-the controller must refuse it, and a 0x351 above the allowance is how we would see it taken.
+would legitimately let the bank rise), nor readings that would rightly latch an alarm (a raised flag,
+101 °C, a 9 V cell): an honest-typed limit above the genuine one is lowered to it, and such readings
+take the genuine values, before sending (``_honest``). A wrongly-typed one ("9999" as a string,
+``true``) is left as it is: the controller must refuse it, and a 0x351 above the allowance is how we
+would see it taken.
 
 Verdict (printed, and written as JSON to ``--json``): the controller's exit status (crash), the
 highest CCL/DCL on the bus against what the genuine racks allow under the configured policy (worst
@@ -81,6 +83,12 @@ POLL_INTERVAL_MS = 100  # the genuine racks publish at 10 Hz
 GENUINE_LIMITS = ((40.0, 60.0), (70.0, 90.0), (100.0, 120.0))  # (CCL, DCL) of rack-01..03
 OVERSIZE_BYTES = 64 * 1024  # the controller's default max_payload_bytes
 BATCH_S = 0.005
+# The genuine racks' readings (bench/chaos_rig.py ``telemetry``) that could latch or derate.
+GENUINE_READINGS = {
+    "cell_voltage_max_v": 3.31, "cell_voltage_min_v": 3.29,
+    "temperature_max_c": 27.5, "temperature_min_c": 24.0,
+}
+
 SETTLE_S = 2.0  # after the first full grant, before the baseline is taken
 RECOVERY_TIMEOUT_S = 15.0
 SILENCE_SLACK_S = 0.8  # on a 2-core VM shared with others: scheduling noise beyond 2 × period
@@ -378,6 +386,19 @@ class Mutator:
         if m.get("contactor") == "open":
             m["contactor"] = "closed"
             changed = True
+        # A genuine rack reporting 101 °C, a 9 V cell or a raised alarm flag would rightly latch an
+        # alarm (released only by an operator's clear) or derate the bank, so the recovery check
+        # after the fuzz would see that, not a defect: honest-typed readings take the genuine values.
+        for key, genuine_value in GENUINE_READINGS.items():
+            v = m.get(key)
+            if isinstance(v, int | float) and not isinstance(v, bool) and v != genuine_value:
+                m[key] = genuine_value
+                changed = True
+        for key in ("alarms", "warnings"):
+            flags = m.get(key)
+            if isinstance(flags, dict) and any(v is True for v in flags.values()):
+                m[key] = {name: False if v is True else v for name, v in flags.items()}
+                changed = True
         if not changed:
             return payload
         self.neutralised += 1
