@@ -39,7 +39,7 @@ from shared.logthrottle import ThrottledLog
 log = logging.getLogger(__name__)
 
 # Full cycles: routine payloads, staleness, ramps and slew advance at this rate even between
-# heartbeats. An urgent payload gets its own cycle at once (``inputs_only``, see core.engine.step).
+# heartbeats. An urgent payload gets its own cycle at once (controller.ingest), over its own input.
 CONTROL_TICK_S = 0.1
 SMA_INHIBIT_S = 0.2  # SMA: no ID more often than every 200 ms
 # A lowered limit is published for monitoring at once, but not more often than this: at a

@@ -2,8 +2,7 @@
 
 Rack telemetry goes into the rack table (which decodes, validates, orders and counts it); a leader
 record to the failover link. What the table calls urgent (a payload that may lower a limit or raise
-an alarm) gets its cycle at once; a routine payload's rack is noted for the preparer, which computes
-it in idle time for the next full cycle.
+an alarm) gets its cycle at once; a routine payload waits in the table for the next full cycle.
 
 The handler does more than hand off, on purpose: it is called by the MQTT session on the event loop
 (no queue in between), and while the control loop runs, an urgent payload's cycle runs right here,
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 from controller.control_loop import ControlLoop
 from controller.failover_link import FailoverLink
-from controller.preparer import Preparer
 from controller.rack_table import RackTable
 from controller.stats import ControllerStats
 from shared.mqtt import Message
@@ -27,11 +25,10 @@ from shared.topics import Topics
 class MqttIngest:
     """The MQTT session's message handler (:meth:`on_message`)."""
 
-    def __init__(self, topics: Topics, table: RackTable, *, preparer: Preparer, loop: ControlLoop,
+    def __init__(self, topics: Topics, table: RackTable, *, loop: ControlLoop,
                  link: FailoverLink, stats: ControllerStats) -> None:
         self._leader_topic = topics.leader
         self._table = table
-        self._preparer = preparer
         self._loop = loop
         self._link = link
         self._stats = stats
@@ -50,6 +47,4 @@ class MqttIngest:
                 return False
             self._loop.wake()
             return True
-        if ingest.accepted and ingest.rack_id is not None:
-            self._preparer.note(ingest.rack_id)  # computed in idle time, taken by the next full cycle
         return False

@@ -1,14 +1,13 @@
-"""The controller's table of racks, fed by MQTT telemetry; hands out one immutable snapshot per cycle.
+"""The controller's table of racks, fed by MQTT telemetry; hands the new inputs to the core each cycle.
 
 The hot path (one message) is: decode + validate, store, and a cheap check of
 whether this message lowers a limit or raises an alarm, in which case the
 caller runs a control cycle at once instead of waiting for the heartbeat.
 
-Two views of the racks: the latest input of each, and the inputs committed to
-the core. A full cycle commits everything; an urgent message is committed at
-once, alone, so that the urgent cycle it triggers recomputes that rack and not
-every rack whose routine payload arrived since the last full cycle (those wait
-for it, a control tick away, as they would without the urgent one).
+Each rack's latest input is kept until the core takes it (:meth:`RackTable.take`). A full cycle
+takes every one not taken yet; an urgent cycle only those of urgent messages, so that it recomputes
+that rack and not every rack whose routine payload arrived since the last full cycle (those wait for
+it, a control tick away, as they would without the urgent one).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import NamedTuple
 
-from controller.core.snapshot import RackInput, Snapshot
+from controller.core.snapshot import RackInput
 from shared.codec import DecodeError
 from shared.logthrottle import ThrottledLog
 from shared.models import RackCommState
@@ -88,9 +87,8 @@ class RackTable:
         self.max_clock_ahead_s = max_clock_ahead_s
         self._wall = wall_clock
         self._racks: dict[str, RackInput] = {}  # the latest input of every roster rack
-        self._committed: dict[str, RackInput] = {}  # what the core is to see in an urgent cycle
-        self._committed_since_snapshot: set[str] = set()
-        self._stored_since_full: set[str] | None = None  # None: unknown (start, roster change)
+        self._untaken: dict[str, RackInput] = {}  # latest inputs the core has not taken yet
+        self._urgent: set[str] = set()  # ids in _untaken stored by an urgent message
         self._roster: tuple[str, ...] = ()
         self.unknown: dict[str, int] = {}
         self.counters: Counter[str] = Counter()
@@ -101,9 +99,8 @@ class RackTable:
         """Adopt a new roster (SIGHUP reload): keeps what is known of racks that stay."""
         self._roster = roster
         self._racks = {rid: self._racks.get(rid, RackInput(rid)) for rid in roster}
-        self._committed = dict(self._racks)
-        self._committed_since_snapshot.clear()
-        self._stored_since_full = None
+        self._untaken = dict(self._racks)  # the core is given every rack again
+        self._urgent.clear()
         for rid in roster:
             self.unknown.pop(rid, None)
 
@@ -192,13 +189,11 @@ class RackTable:
 
     def _store(self, rack_input: RackInput) -> None:
         self._racks[rack_input.rack_id] = rack_input
-        if self._stored_since_full is not None:
-            self._stored_since_full.add(rack_input.rack_id)
+        self._untaken[rack_input.rack_id] = rack_input
 
     def _commit(self, rack_input: RackInput) -> None:
         self._store(rack_input)
-        self._committed[rack_input.rack_id] = rack_input
-        self._committed_since_snapshot.add(rack_input.rack_id)
+        self._urgent.add(rack_input.rack_id)
 
     def _unknown(self, rack_id: str, why: str) -> Ingest:
         self.counters["unknown_rack"] += 1
@@ -210,24 +205,19 @@ class RackTable:
         self.unknown[rack_id] = self.unknown.get(rack_id, 0) + 1
         return Ingest(rack_id, False, False, why)
 
-    def snapshot(self, clear_command_s: float | None, *, full: bool = True) -> Snapshot:
-        """The inputs for a cycle: every latest one (``full``, which commits them), else the committed.
+    def take(self, *, full: bool) -> list[RackInput]:
+        """The inputs the core has not taken yet: all of them (``full``), else those of urgent messages.
 
-        It names the racks whose input may differ from the previous snapshot's (``changed``): for an
-        urgent one those committed since, for a full one those stored since the previous full one.
+        After a roster change every roster rack's input is given again.
         """
-        changed: frozenset[str] | None
         if full:
-            stored = self._stored_since_full
-            changed = None if stored is None else frozenset(stored)
-            self._stored_since_full = set()
-            self._committed = dict(self._racks)
+            taken = list(self._untaken.values())
+            self._untaken.clear()
         else:
-            changed = frozenset(self._committed_since_snapshot)
-        self._committed_since_snapshot.clear()
-        return Snapshot(
-            changed=changed,
-            racks=dict(self._committed),
-            unknown_racks=tuple(sorted(self.unknown)),
-            clear_command_s=clear_command_s,
-        )
+            taken = [self._untaken.pop(rack_id) for rack_id in self._urgent if rack_id in self._untaken]
+        self._urgent.clear()
+        return taken
+
+    def unknown_ids(self) -> tuple[str, ...]:
+        """Ids heard that are not on the roster (at most ``MAX_UNKNOWN_TRACKED``), sorted."""
+        return tuple(sorted(self.unknown))

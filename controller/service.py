@@ -3,21 +3,21 @@
 Where each job lives:
 
 * :mod:`controller.ingest` — MQTT messages in: rack telemetry to the rack table, urgent payloads
-  to an immediate cycle, routine ones to the preparer, leader records to the failover link;
+  to an immediate cycle, leader records to the failover link;
 * :mod:`controller.control_loop` — when a cycle runs (ticks, urgent cycles, heartbeats on absolute
   deadlines, the SMA inhibit), the fail-safe set, what is sent to the inverter and published;
 * :mod:`controller.failover_link` — the role machine's pulse, the heartbeat frames, the leader
   record, the controller status and the foreign-transmitter alarm;
-* :mod:`controller.preparer` — routine payloads' racks computed in idle time for the next full cycle;
+* :mod:`controller.core` — the pure core: :class:`~controller.core.engine.Engine` computes each
+  cycle incrementally, exactly as the reference :func:`~controller.core.step.step` would;
 * :mod:`controller.metrics` — the Prometheus endpoint, reading
   :class:`~controller.metrics.ControllerReadings`, which this service provides;
 * :mod:`controller.modbus_server` — the optional read-only Modbus view of the consolidated state.
 
-What stays here: the one place the pure core is called (:meth:`ControllerService._compute`, the
-control loop's ``compute``: ``step`` on a snapshot of the rack table, with the core's memory kept
-for the next cycle; and the preparer's ``prepare`` beside it), because that is where the table,
-the preparer and the memory meet (tests also replace ``controller.service.step`` to inject a core
-defect); the two operator commands (clear of latched alarms, reload); start and stop.
+What stays here: the one place the core is called (:meth:`ControllerService._compute`, the control
+loop's ``compute``: the rack table's new inputs handed to the engine, then its cycle), because that is
+where the table and the engine meet; the two operator commands (clear of latched alarms, reload);
+start and stop.
 
 Wiring order: the CAN port and the MQTT session take their handlers when they are made, and the
 parts take the port and session they use. The MQTT message handler, the hot path, is the ingest's
@@ -32,20 +32,18 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 
 import can
 
 from controller.can_port import CanPort
 from controller.control_loop import STATE_PUBLISH_MIN_GAP_S, ControlLoop, HeartbeatSchedule, must_send_now
-from controller.core.engine import CoreMemory, Prepared, prepare, step
+from controller.core.engine import Engine
 from controller.failover import ForeignTransmitterWatch, Role, RoleMachine
 from controller.failover_link import FailoverLink
 from controller.frames import FrameEncoder
 from controller.ingest import MqttIngest
 from controller.metrics import ControllerMetrics
 from controller.modbus_server import ConsolidatedModbusServer
-from controller.preparer import Preparer
 from controller.rack_table import RackTable
 from controller.stats import ControllerStats
 from shared.cluster import ConsolidatedState
@@ -77,10 +75,8 @@ class ControllerService:
                                config.max_payload_bytes, max_clock_ahead_s=config.max_clock_ahead_s,
                                wall_clock=wall_clock)
         self.stats = ControllerStats()
-        self.memory = CoreMemory.initial()
-        self._last_cycle_failed = False
+        self.engine = Engine(config)
         self._clear_command_s: float | None = None
-        self.preparer = Preparer(self._prepare_rack)
         failover = config.failover
         self.can = CanPort(
             config.can, on_frame=self._on_can_frame, on_reopened=self._on_can_reopened,
@@ -96,7 +92,7 @@ class ControllerService:
                                 publish=self._publish, cluster_state_topic=self.topics.cluster_state,
                                 on_state=self.modbus.update if self.modbus is not None else None,
                                 monotonic=monotonic, wall_clock=wall_clock)
-        self.ingest = MqttIngest(self.topics, self.table, preparer=self.preparer, loop=self.loop,
+        self.ingest = MqttIngest(self.topics, self.table, loop=self.loop,
                                  link=self.link, stats=self.stats)
         client_id = (
             config.mqtt.client_id
@@ -128,8 +124,8 @@ class ControllerService:
             log.warning("reload: changes to %s need a restart and were not applied", ignored)
             config = config.model_copy(update={name: getattr(self.config, name) for name in ignored})
         self.config = config
-        self.preparer.consumed()  # prepared for the old config: never taken, no use keeping
         self.table.set_roster(tuple(r.rack_id for r in config.roster))
+        self.engine.reconfigure(config)
         self.link.config = config
         self.loop.reload(config)
         log.info("reload: roster now %s", list(self.table.roster))
@@ -137,43 +133,15 @@ class ControllerService:
     # -- the core, on the rack table ---------------------------------------------------------
 
     def _compute(self, now: float, full: bool) -> ConsolidatedState:
-        """The control loop's ``compute``: the core stepped on a snapshot of the rack table.
+        """The control loop's ``compute``: the rack table's new inputs to the engine, then its cycle.
 
-        ``full`` = False: an urgent cycle on the inputs committed by urgent payloads only. Raises what
-        the core raises (the loop fails safe).
+        ``full`` = False: an urgent cycle, which takes the inputs of urgent payloads only. Raises what
+        the core raises (the loop fails safe); the inputs handed over stay with the engine.
         """
-        snapshot = self.table.snapshot(self._clear_command_s, full=full)
-        if self._last_cycle_failed:
-            # The table names what changed since its previous snapshot, which the failed cycle's
-            # core never saw: let the core compare every rack.
-            snapshot = replace(snapshot, changed=None)
-        self._last_cycle_failed = True
-        prepared = self.preparer.prepared
-        state, self.memory = step(snapshot, self.config, now, self._wall(), self.memory, inputs_only=not full,
-                                  prepared=prepared)
-        self._last_cycle_failed = False
-        if full:
-            self._count_prepared(prepared)
-            self.preparer.consumed()
-        return state
-
-    def _prepare_rack(self, rack_id: str) -> Prepared | None:
-        """The preparer's ``compute``: a rack's outcome for its latest input, ahead of the full cycle."""
-        latest = self.table.latest(rack_id)
-        if latest is None:
-            return None
-        return prepare(
-            latest, self.config, self._monotonic(), self.memory, clear_command_s=self._clear_command_s
-        )
-
-    def _count_prepared(self, prepared: Mapping[str, Prepared]) -> None:
-        cache = self.memory.cache
-        if not prepared or cache is None:
-            return
-        self.stats.racks_prepared += len(prepared)
-        self.stats.racks_prepared_taken += sum(
-            1 for rack_id, ahead in prepared.items() if cache.entries.get(rack_id) is ahead.entry
-        )
+        for rack_input in self.table.take(full=full):
+            self.engine.put(rack_input)
+        return self.engine.cycle(now, self._wall(), clear_command_s=self._clear_command_s,
+                                 unknown_racks=self.table.unknown_ids())
 
     # -- wiring: rare calls made before their receiver exists (see the module docstring) -----
 

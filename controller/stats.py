@@ -22,7 +22,3 @@ class ControllerStats:
     heartbeats_sent: int = 0
     heartbeats_skipped: int = 0  # heartbeat deadlines passed over because a set was more than a period late
     resumed_sets: int = 0  # sets sent at once because the CAN bus was (re)opened
-    # Routine payloads' racks computed ahead of their full cycle (controller.preparer), and how
-    # many of those the cycle took as they were.
-    racks_prepared: int = 0
-    racks_prepared_taken: int = 0

@@ -9,7 +9,7 @@
   timed lowering (:func:`~bench.reaction.rig.react`).
 * :mod:`bench.reaction.reaction` — reaction latency and CPU share, floor and controller, per roster.
 * :mod:`bench.reaction.rates` — the sustained-rate sweep.
-* :mod:`bench.reaction.step_cost` — the core's ``step`` timed in-process.
+* :mod:`bench.reaction.step_cost` — the core (engine, and the reference step beside it) timed in-process.
 
 Each measuring module gives its rows as dataclasses, prints its table and turns its rows into JSON; the
 entry point writes them all to one file (``--json``). Design and latest figures: ``docs/performance.md``.

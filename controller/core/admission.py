@@ -52,16 +52,6 @@ def admit(ok_since_s: float | None, is_ok: bool, now_s: float, hold_s: float, ra
     return Admission(since_s, True, share, f"ramping in, share {share:.2f}")
 
 
-def fully_admitted(ok_since_s: float, now_s: float, hold_s: float, ramp_s: float) -> bool:
-    """True when ``admit`` gives a rack ``ok`` since ``ok_since_s`` its full share at ``now_s``.
-
-    The same arithmetic as ``admit``, so that a cached full admission is re-checked exactly:
-    past the hold, and past the ramp (or no ramp).
-    """
-    ok_for_s = max(0.0, now_s - ok_since_s)
-    return ok_for_s >= hold_s and (ramp_s <= 0.0 or ok_for_s - hold_s >= ramp_s)
-
-
 def quorum_shortfall(eligible: int, min_racks: int) -> str | None:
     """The reason the bank may not carry current for lack of racks, or None when there are enough."""
     if eligible < min_racks:

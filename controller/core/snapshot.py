@@ -1,9 +1,10 @@
-"""The controller's one consistent view of the rack table for one control cycle."""
+"""The core's input: what the controller knows of each rack (``RackInput``), and the reference
+cycle's whole view of the rack table (``Snapshot``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from shared.records import TelemetryRecord
@@ -17,8 +18,7 @@ class RackInput(NamedTuple):
     time of the latest rejected payload *after* that (None if the latest
     payload was valid): a rack whose newest word was garbage is ``invalid``.
 
-    A NamedTuple (one is made per received payload, at a third of a frozen dataclass's cost); the
-    core tells inputs apart by identity (``Snapshot.changed``, its cache).
+    A NamedTuple: one is made per received payload, at a third of a frozen dataclass's cost.
     """
 
     rack_id: str
@@ -36,8 +36,3 @@ class Snapshot:
     unknown_racks: tuple[str, ...] = ()
     # Monotonic time of the latest accepted "clear latched alarms" command (None: never).
     clear_command_s: float | None = None
-    extra: Mapping[str, str] = field(default_factory=dict)
-    # Ids whose input may differ from the previous cycle's snapshot; every other rack's input is
-    # the very object that cycle saw. None: unknown (the core compares every rack). With it, a
-    # cycle looks at these racks (and, if full, at those time may move) instead of the roster.
-    changed: frozenset[str] | None = None

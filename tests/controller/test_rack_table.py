@@ -6,6 +6,7 @@ from typing import Any
 
 import msgpack
 
+from controller.core.snapshot import RackInput
 from controller.rack_table import RackTable
 from shared.codec import encode
 from shared.models import ContactorState, ProtectionFlags, RackCommState
@@ -24,24 +25,27 @@ def _send(table: RackTable, rack: str = "rack-01", now: float = 1.0, **kw: objec
     return table.ingest(TOPICS.rack_telemetry(rack), encode(t), now)
 
 
-def test_roster_rack_is_accepted_and_snapshotted() -> None:
+def _latest(table: RackTable) -> dict[str, RackInput]:
+    return {rack_id: rack_input for rack_id in table.roster if (rack_input := table.latest(rack_id))}
+
+
+def test_roster_rack_is_accepted_and_stored() -> None:
     table = _table()
     result = _send(table)
     assert result.accepted and not result.urgent
-    snap = table.snapshot(None)
-    assert set(snap.racks) == {"rack-01", "rack-02"}
-    assert snap.racks["rack-01"].telemetry is not None
-    assert snap.racks["rack-01"].received_s == 1.0
-    assert snap.racks["rack-02"].telemetry is None
+    racks = _latest(table)
+    assert set(racks) == {"rack-01", "rack-02"}
+    assert racks["rack-01"].telemetry is not None
+    assert racks["rack-01"].received_s == 1.0
+    assert racks["rack-02"].telemetry is None
 
 
 def test_unknown_rack_is_reported_and_never_counted() -> None:
     table = _table()
     result = _send(table, rack="rack-99")
     assert not result.accepted
-    snap = table.snapshot(None)
-    assert snap.unknown_racks == ("rack-99",)
-    assert "rack-99" not in snap.racks
+    assert table.unknown_ids() == ("rack-99",)
+    assert "rack-99" not in _latest(table)
     assert table.counters["unknown_rack"] == 1
 
 
@@ -51,9 +55,9 @@ def test_payload_claiming_another_rack_is_treated_as_invalid() -> None:
     t = telemetry(rack_id="rack-02", seq=2)
     result = table.ingest(TOPICS.rack_telemetry("rack-01"), encode(t), 2.0)
     assert not result.accepted and result.urgent
-    snap = table.snapshot(None)
-    assert snap.racks["rack-01"].invalid_at_s == 2.0
-    assert snap.racks["rack-01"].telemetry is not None  # the last good one is kept, marked invalid
+    racks = _latest(table)
+    assert racks["rack-01"].invalid_at_s == 2.0
+    assert racks["rack-01"].telemetry is not None  # the last good one is kept, marked invalid
     assert table.counters["identity_mismatch"] == 1
 
 
@@ -61,11 +65,11 @@ def test_garbage_marks_the_rack_invalid_and_counts_the_reason() -> None:
     table = _table()
     result = table.ingest(TOPICS.rack_telemetry("rack-01"), b"\x00\x01garbage", 3.0)
     assert not result.accepted and result.urgent
-    assert table.snapshot(None).racks["rack-01"].invalid_at_s == 3.0
+    assert _latest(table)["rack-01"].invalid_at_s == 3.0
     assert table.counters["rejected_malformed"] == 1
     # A good message afterwards clears the invalid mark.
     assert _send(table, now=4.0).accepted
-    assert table.snapshot(None).racks["rack-01"].invalid_at_s is None
+    assert _latest(table)["rack-01"].invalid_at_s is None
 
 
 def test_out_of_range_payload_counted_as_invalid() -> None:
@@ -104,39 +108,35 @@ def test_reload_keeps_known_racks_and_adds_new_ones() -> None:
     _send(table)
     _send(table, rack="rack-03")
     table.set_roster(("rack-01", "rack-03"))
-    snap = table.snapshot(None)
-    assert set(snap.racks) == {"rack-01", "rack-03"}
-    assert snap.racks["rack-01"].telemetry is not None
-    assert snap.unknown_racks == ()
+    racks = {r.rack_id: r for r in table.take(full=True)}  # every roster rack is given again
+    assert set(racks) == {"rack-01", "rack-03"}
+    assert racks["rack-01"].telemetry is not None
+    assert table.unknown_ids() == ()
 
 
-def test_urgent_snapshot_holds_routine_payloads_back_until_a_full_cycle() -> None:
+def test_an_urgent_cycle_takes_urgent_inputs_and_routine_ones_wait_for_a_full_cycle() -> None:
     table = _table()
+    first = table.take(full=True)  # at start: every roster rack, none heard yet
+    assert sorted(r.rack_id for r in first) == ["rack-01", "rack-02"]
     _send(table, seq=1, now=1.0, measurements=measurements(charge_current_limit_a=100.0))
     _send(table, rack="rack-02", seq=1, now=1.0, measurements=measurements(charge_current_limit_a=100.0))
-    first = table.snapshot(None)  # full: commits both
+    assert [r.received_s for r in table.take(full=True)] == [1.0, 1.0]
     routine = _send(table, seq=2, now=1.5, measurements=measurements(charge_current_limit_a=100.0))
     assert not routine.urgent
     half = measurements(charge_current_limit_a=50.0)
     lowered = _send(table, rack="rack-02", seq=2, now=1.6, measurements=half)
     assert lowered.urgent
-    urgent = table.snapshot(None, full=False)
-    assert urgent.changed == {"rack-02"}  # what was committed since the previous snapshot
-    assert first.changed is None  # the first full snapshot: nothing to compare with, the core looks at all
-    assert urgent.racks["rack-01"] is first.racks["rack-01"]  # the routine one waits
-    assert urgent.racks["rack-02"].received_s == 1.6  # the lowering is in at once
-    full = table.snapshot(None)
-    assert full.racks["rack-01"].received_s == 1.5
-    assert full.changed == {"rack-01", "rack-02"}  # stored since the previous full snapshot
-    again = table.snapshot(None, full=False)
-    assert again.racks == full.racks  # committed now
-    assert again.changed == frozenset()
+    urgent = table.take(full=False)
+    assert [(r.rack_id, r.received_s) for r in urgent] == [("rack-02", 1.6)]  # the lowering, at once
+    assert table.take(full=False) == []  # taken once
+    full = table.take(full=True)
+    assert [(r.rack_id, r.received_s) for r in full] == [("rack-01", 1.5)]  # the routine one waited
+    assert table.take(full=True) == []
     _send(table, rack="rack-02", seq=3, now=1.7, measurements=half)
-    third = table.snapshot(None)
-    assert third.changed == {"rack-02"}
-    assert third.racks["rack-01"] is full.racks["rack-01"]  # what is not named is the very same input
+    assert [r.received_s for r in table.take(full=True)] == [1.7]
     table.set_roster(("rack-01", "rack-02"))
-    assert table.snapshot(None).changed is None  # a reload: the core compares every rack again
+    assert sorted(r.rack_id for r in table.take(full=False)) == []
+    assert sorted(r.rack_id for r in table.take(full=True)) == ["rack-01", "rack-02"]  # a reload
 
 
 # -- ordering that cannot be poisoned (issue 10, item 2) -------------------------------------------

@@ -120,20 +120,27 @@ async def test_heartbeat_comes_from_the_cycle_and_never_stops(rig: Any) -> None:
     assert bus.ccl() == 0.0
 
 
-async def test_routine_payloads_are_computed_ahead_and_taken_by_the_full_cycle(rig: Any) -> None:
-    """Routine payloads (nothing lowered) are computed in idle time (controller.preparer); the full
-    cycle takes those outcomes; what goes out is what the cycle would compute itself (the core's
-    own property test), here: the limits follow the payloads, and a lowering still goes at once."""
+async def test_routine_payloads_wait_for_the_full_cycle_and_a_lowering_goes_at_once(rig: Any) -> None:
+    """Routine payloads (nothing lowered) wait in the table for the next full cycle, which recomputes
+    only their racks; the limits follow the payloads, and a lowering still goes at once."""
     svc, bus, pub, topics = rig
     seq = await _feed(pub, topics, 100.0, 1.5)
     await wait_until(lambda: bus.ccl() == pytest.approx(200.0), 2, "steady CCL")
-    taken_before = svc.stats.racks_prepared_taken
-    seq = await _feed(pub, topics, 100.0, 1.0, start_seq=seq)
-    taken = svc.stats.racks_prepared_taken - taken_before
-    # Two racks at 10 Hz for 1 s: about 20 payloads, nearly all computed ahead and taken.
-    assert taken >= 10, svc.stats
-    assert svc.stats.racks_prepared_taken <= svc.stats.racks_prepared
-    assert svc.preparer.errors == 0
+    recomputed_before, cycles_before = svc.engine.racks_recomputed, svc.stats.cycles
+    # rack-01 at 10 Hz, rack-02 at 2 Hz, for 1 s: 12 payloads against some 10 full cycles.
+    payloads = 0
+    for i in range(10):
+        for rack in ("rack-01", "rack-02") if i % 5 == 0 else ("rack-01",):
+            _publish(pub, topics, rack, seq, 100.0)
+            payloads += 1
+        seq += 1
+        await asyncio.sleep(0.1)
+    recomputed = svc.engine.racks_recomputed - recomputed_before
+    cycles = svc.stats.cycles - cycles_before
+    # Each cycle recomputes the racks that sent a payload since the cycle before (and a rack whose
+    # outcome's validity ran out), not every rack of every cycle.
+    assert cycles >= 8, svc.stats
+    assert payloads - 2 <= recomputed <= payloads + 2 < 2 * cycles, (recomputed, payloads, cycles)
     _publish(pub, topics, "rack-01", seq, 60.0)
     await wait_until(lambda: bus.ccl() == pytest.approx(120.0), 1.0, "lowered CCL")
 
@@ -167,7 +174,7 @@ async def test_core_defect_gives_zero_current_with_alarm_not_silence(
     def broken(*_a: Any, **_k: Any) -> Any:
         raise RuntimeError("injected core defect")
 
-    monkeypatch.setattr(service_module, "step", broken)
+    monkeypatch.setattr(svc.engine, "cycle", broken)
     n = len(bus.limits)
     await asyncio.sleep(1.0)
     after = bus.limits[n:]
@@ -185,23 +192,27 @@ async def test_a_core_defect_met_by_an_urgent_payload_fails_safe_and_spares_the_
     svc, bus, pub, topics = rig
     seq = await _feed(pub, topics, 100.0, 1.0)
     await wait_until(lambda: bus.ccl() == pytest.approx(200.0), 2, "steady CCL")
-    real_step = service_module.step  # type: ignore[attr-defined]
-    calls: list[bool] = []
+    real_cycle, real_take = svc.engine.cycle, svc.table.take
+    calls: list[bool] = []  # per cycle: full or not
+
+    def take(*, full: bool) -> Any:
+        calls.append(full)
+        return real_take(full=full)
 
     def broken_when_urgent(*args: Any, **kwargs: Any) -> Any:
-        calls.append(kwargs.get("inputs_only", False))
-        if kwargs.get("inputs_only"):
+        if not calls[-1]:
             raise RuntimeError("injected core defect")
-        return real_step(*args, **kwargs)
+        return real_cycle(*args, **kwargs)
 
-    monkeypatch.setattr(service_module, "step", broken_when_urgent)
+    monkeypatch.setattr(svc.table, "take", take)
+    monkeypatch.setattr(svc.engine, "cycle", broken_when_urgent)
     _publish(pub, topics, "rack-01", seq, 50.0)
     await wait_until(lambda: svc.stats.cycle_errors >= 1, 2, "the failed urgent cycle")
-    assert True in calls
+    assert False in calls
     await wait_until(lambda: bus.ccl() == 0.0, 1, "fail-safe frames")
     assert svc.mqtt.stats.handler_errors == 0
     assert svc.mqtt.is_connected
-    monkeypatch.setattr(service_module, "step", real_step)
+    monkeypatch.undo()
     await _feed(pub, topics, 50.0, 1.0, start_seq=seq + 1)
     await wait_until(lambda: bus.ccl() == pytest.approx(100.0), 2, "recovered")
 
@@ -217,7 +228,7 @@ async def test_the_control_loop_outlives_a_fail_safe_that_cannot_be_sent(
     def broken(*_a: Any, **_k: Any) -> Any:
         raise RuntimeError("injected defect")
 
-    monkeypatch.setattr(service_module, "step", broken)
+    monkeypatch.setattr(svc.engine, "cycle", broken)
     monkeypatch.setattr(svc.encoder, "frames", broken)
     await asyncio.sleep(0.6)
     control = next(t for t in svc._tasks if t.get_name() == "controller-control")
@@ -355,35 +366,29 @@ async def test_consolidated_state_is_published_for_monitoring(rig: Any, mqtt_bro
         await watcher.stop()
 
 
-async def test_after_a_failed_cycle_the_core_compares_every_rack(
-    rig: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The table names the racks committed since its previous snapshot; a cycle that failed consumed that
-    list without the core seeing it, so the next cycle must not rely on it."""
+async def test_a_failed_cycle_loses_no_input(rig: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inputs a failed cycle took from the table stay with the engine: the next cycle counts the
+    lowering that arrived just before the failure (2 × 10 A), not the rack's older 100 A."""
     svc, _bus, pub, topics = rig
     await _feed(pub, topics, 100.0, 0.5)
-    real_step = service_module.step  # type: ignore[attr-defined]
-    seen: list[frozenset[str] | None] = []
+    real_cycle = svc.engine.cycle
     fail = [True]
 
-    def recording(snapshot: Any, *a: Any, **k: Any) -> Any:
-        seen.append(snapshot.changed)
-        if fail[0] and k.get("inputs_only"):
+    def failing_once(*a: Any, **k: Any) -> Any:
+        if fail[0]:
             fail[0] = False
             raise RuntimeError("injected core defect")
-        return real_step(snapshot, *a, **k)
+        return real_cycle(*a, **k)
 
-    monkeypatch.setattr(service_module, "step", recording)
+    monkeypatch.setattr(svc.engine, "cycle", failing_once)
     svc.table.ingest(topics.rack_telemetry("rack-01"), encode(telemetry(
         rack_id="rack-01", stream_id="0000aaaa00001111", seq=10_000, timestamp_s=time.time(),
         measurements=measurements(charge_current_limit_a=10.0))), time.monotonic())
     with pytest.raises(RuntimeError):
-        svc.cycle(heartbeat_due=False, full=False)  # urgent cycle: told {"rack-01"}, fails
-    svc.cycle(heartbeat_due=False, full=False)
-    assert seen[-2] == {"rack-01"}
-    assert seen[-1] is None  # not the (now empty) list of the failed cycle
-    svc.cycle(heartbeat_due=False, full=False)
-    assert seen[-1] == frozenset()  # a successful cycle before it: the shortcut is back
+        svc.cycle(heartbeat_due=False, full=False)  # the urgent cycle of the lowering fails
+    state = svc.cycle(heartbeat_due=False, full=False)  # nothing new to take: the engine has it
+    assert state is not None
+    assert state.charge_current_limit_a == pytest.approx(20.0), state.ccl_reason
 
 
 async def test_metrics_endpoint_reports_what_the_controller_counts(

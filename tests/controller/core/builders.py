@@ -2,7 +2,9 @@
 
 A *cycle table* is a list of ``Cycle`` rows: at time ``t`` the racks say this (``None``: nothing
 heard), and the consolidated state must show that. ``run_table`` feeds the rows in order through
-``step`` with one memory and checks every expectation, naming the row that failed.
+``step`` with one memory and checks every expectation, naming the row that failed. ``run`` and
+``run_table`` drive the incremental engine beside it, told each input that changed, and require its
+output to be the reference's in every cycle.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.core.engine import CoreMemory, step
+from controller.core.engine import Engine
+from controller.core.memory import CoreMemory
 from controller.core.snapshot import RackInput, Snapshot
+from controller.core.step import step
 from shared.cluster import ConsolidatedState
 from shared.controller_config import AggregationConfig, ControllerConfig, RosterRack
 from shared.models import (
@@ -183,19 +187,49 @@ def run(
     memory: CoreMemory | None = None,
 ) -> tuple[list[ConsolidatedState], CoreMemory]:
     mem = memory or CoreMemory.initial()
+    beside = EngineBeside(cfg, mem)
     out: list[ConsolidatedState] = []
     for t, snap in snapshots:
         state, mem = step(snap, cfg, t, WALL_OFFSET_S + t, mem)
+        beside.check(snap, t, state, mem)
         out.append(state)
     return out, mem
 
 
+class EngineBeside:
+    """The incremental engine run beside the reference: told each input that differs from the last
+    snapshot's, it must give the very state and memory ``step`` gave."""
+
+    def __init__(self, cfg: ControllerConfig, memory: CoreMemory) -> None:
+        self.engine = Engine(cfg, memory)
+        self._told: dict[str, RackInput] = {}
+
+    def check(self, snap: Snapshot, t: float, state: ConsolidatedState, memory: CoreMemory) -> None:
+        for rack_id, rack_input in snap.racks.items():
+            if self._told.get(rack_id) != rack_input:
+                self._told[rack_id] = rack_input
+                self.engine.put(rack_input)
+        forgotten = self._told.keys() - snap.racks.keys()
+        if forgotten:  # a rack the snapshot no longer carries is never heard again, for both
+            for rack_id in forgotten:
+                del self._told[rack_id]
+            self.engine = Engine(self.engine.config, self.engine.memory)
+            for rack_input in self._told.values():
+                self.engine.put(rack_input)
+        got = self.engine.cycle(t, WALL_OFFSET_S + t, clear_command_s=snap.clear_command_s,
+                                unknown_racks=snap.unknown_racks)
+        assert got == state, f"engine and reference differ at t={t}"
+        assert self.engine.memory == memory, f"engine and reference memories differ at t={t}"
+
+
 def run_table(cfg: ControllerConfig, rows: Sequence[Cycle]) -> list[ConsolidatedState]:
     mem = CoreMemory.initial()
+    beside = EngineBeside(cfg, mem)
     results: list[ConsolidatedState] = []
     for i, row in enumerate(rows):
         snap = snapshot(row.t, row.racks, unknown=row.unknown, clear_command_s=row.clear_command_s)
         state, mem = step(snap, cfg, row.t, WALL_OFFSET_S + row.t, mem)
+        beside.check(snap, row.t, state, mem)
         results.append(state)
         _check(f"row {i} (t={row.t}{', ' + row.note if row.note else ''})", row, state)
     return results

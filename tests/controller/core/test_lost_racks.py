@@ -6,22 +6,24 @@ the racks last known in parallel allow (80 A, not 100 A) until the rack is known
 contactor open, or its isolation time has passed since it was lost), and then ramps. Decreases still apply
 at once. The same for the voltage range: a held rack keeps its last ceiling in CVL and its last floor in DVL
 (which are not ramped: they move in the cycle that releases it). Tables first, then the safety invariant as
-a hypothesis property over random rack events and time, with the incremental paths (told what changed,
-urgent cycles, the cache) checked against full computation.
+a hypothesis property over random rack events and time, the incremental engine checked against the
+reference cycle.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from controller.core.engine import CoreMemory, step
+from controller.core.engine import Engine
+from controller.core.memory import CoreMemory
 from controller.core.snapshot import RackInput, Snapshot
+from controller.core.step import step
 from shared.cluster import ConsolidatedState, RackState
 from shared.controller_config import ControllerConfig, CurrentPolicy
 from shared.models import ContactorState
@@ -267,7 +269,7 @@ HIGH_FLOOR = telemetry("r2", cvl=56.0, dvl=46.0)
 
 
 def test_lowest_ceiling_rack_goes_stale_cvl_holds_until_isolation_then_rises_at_once() -> None:
-    """CVL and DVL are not slewed (controller/core/engine.py): once the rack is out of the bank, CVL rises
+    """CVL and DVL are not slewed (controller/core/bank.py): once the rack is out of the bank, CVL rises
     in that cycle."""
     cfg = config(2, stale_after_ms=1000, isolation_s=5.0)
     lost = pair(heard(LOW_CEILING, 1.5), HIGH_FLOOR)
@@ -382,46 +384,53 @@ def test_held_racks_bound_the_voltages_when_no_rack_is_in_parallel() -> None:
     )
 
 
-# -- the incremental paths see a hold expire ----------------------------------------------------
+# -- the incremental engine sees a hold expire ---------------------------------------------------
 
 
-def test_a_cycle_told_nothing_changed_still_releases_an_expired_hold() -> None:
-    """r1's input never changes after it turns invalid (an outcome that time does not otherwise move), so a
-    cycle told that no rack changed must still re-judge it when its isolation time passes."""
+def test_the_engine_told_nothing_new_still_releases_an_expired_hold() -> None:
+    """r1's input never changes after it turns invalid (an outcome that time does not otherwise move), so an
+    engine told of no new input must still re-judge it when its isolation time passes."""
     cfg = config(2, isolation_s=2.0)
-    racks = {"r1": RackInput("r1", WEAK, 0.0), "r2": RackInput("r2", STRONG, 0.0)}
+    engine = Engine(cfg)
     memory = CoreMemory.initial()
+    racks: dict[str, RackInput] = {}
     for t in (0.0, 0.5):
         racks = {"r1": RackInput("r1", WEAK, t), "r2": RackInput("r2", STRONG, t)}
+        engine.put(racks["r1"])
+        engine.put(racks["r2"])
+        engine.cycle(t, WALL_OFFSET_S + t)
         _, memory = step(Snapshot(racks=racks), cfg, t, WALL_OFFSET_S + t, memory)
     racks = {"r1": rejected(WEAK, 1.0), "r2": racks["r2"]}
-    state, memory = step(Snapshot(racks=racks), cfg, 1.0, WALL_OFFSET_S + 1.0, memory)
+    engine.put(racks["r1"])
+    state = engine.cycle(1.0, WALL_OFFSET_S + 1.0)
+    _, memory = step(Snapshot(racks=racks), cfg, 1.0, WALL_OFFSET_S + 1.0, memory)
     assert state.charge_current_limit_a == 80.0
-    told = Snapshot(racks=racks, changed=frozenset())
     for t in (1.5, 2.9, 3.0, 3.1):
-        state, after = step(told, cfg, t, WALL_OFFSET_S + t, memory)
-        full, _ = step(Snapshot(racks=racks), cfg, t, WALL_OFFSET_S + t, replace(memory, cache=None))
+        state = engine.cycle(t, WALL_OFFSET_S + t)
+        full, memory = step(Snapshot(racks=racks), cfg, t, WALL_OFFSET_S + t, memory)
         assert state == full, t
-        memory = after
         assert state.charge_current_limit_a == (80.0 if t < 3.0 else 100.0), t
 
 
-def test_an_urgent_cycle_keeps_the_hold_of_the_last_full_cycle() -> None:
-    """Inputs-only cycles leave what time moves to the full cycle: a hold that expired meanwhile is still
-    applied there (never more than the full cycle grants), and the next full cycle releases it."""
+def test_an_urgent_cycle_after_the_isolation_time_is_the_reference_at_its_instant() -> None:
+    """An urgent cycle (a lowering of r2, run the moment it arrives) after r1's isolation time has passed
+    releases r1's hold in that very cycle, as the reference does at that instant: no cycle has a second
+    semantics (the lowering is in, and r1, known out by now, no longer holds the bank down)."""
     cfg = config(2, isolation_s=2.0)
+    engine = Engine(cfg)
     racks: dict[str, RackInput] = {"r1": RackInput("r1", WEAK, 0.0), "r2": RackInput("r2", STRONG, 0.0)}
-    _, memory = step(Snapshot(racks=dict(racks)), cfg, 0.0, WALL_OFFSET_S, CoreMemory.initial())
+    for rack_input in racks.values():
+        engine.put(rack_input)
+    engine.cycle(0.0, WALL_OFFSET_S)
     racks["r1"] = rejected(WEAK, 1.0)
-    held, memory = step(Snapshot(racks=dict(racks)), cfg, 1.0, WALL_OFFSET_S + 1.0, memory)
+    engine.put(racks["r1"])
+    held = engine.cycle(1.0, WALL_OFFSET_S + 1.0)
     assert held.charge_current_limit_a == 80.0
     racks["r2"] = RackInput("r2", telemetry("r2", ccl=100.0, dcl=90.0, seq=1), 3.5)  # a lowering: urgent
-    urgent, memory = step(Snapshot(racks=dict(racks), changed=frozenset({"r2"})), cfg, 3.5,
-                          WALL_OFFSET_S + 3.5, memory, inputs_only=True)
-    assert (urgent.charge_current_limit_a, urgent.discharge_current_limit_a) == (80.0, 80.0)
-    assert "held: r1" in urgent.ccl_reason
-    full, _ = step(Snapshot(racks=dict(racks), changed=frozenset()), cfg, 3.6, WALL_OFFSET_S + 3.6, memory)
-    assert (full.charge_current_limit_a, full.discharge_current_limit_a) == (100.0, 90.0)
+    engine.put(racks["r2"])
+    urgent = engine.cycle(3.5, WALL_OFFSET_S + 3.5)
+    assert (urgent.charge_current_limit_a, urgent.discharge_current_limit_a) == (100.0, 90.0)
+    assert "held: r1" not in urgent.ccl_reason
 
 
 # -- the safety invariant, over random rack events and time --------------------------------------
@@ -433,7 +442,7 @@ LIMITS = [0.0, 10.0, 40.0, 70.0, 100.0, 150.0]
 # and then; floors above some ceilings, so that DVL is at times lowered below CVL. The pack is at 52.0 V.
 CEILINGS = [56.0, 56.0, 54.0, 50.0, 58.0, 0.0]
 FLOORS = [44.0, 44.0, 42.0, 46.0, 53.0, 57.0]
-CVL_USABLE_MIN_V = 0.1  # controller/core/engine.py: below it a rack's CVL is a stop, not a ceiling
+CVL_USABLE_MIN_V = 0.1  # controller/core/bank.py: below it a rack's CVL is a stop, not a ceiling
 
 
 def policy_value(policy: CurrentPolicy, members: Pairs) -> float:
@@ -460,9 +469,8 @@ def bound(policy: CurrentPolicy, parallel: Pairs, held: Pairs) -> float:
     return min(policy_value(policy, parallel + list(subset)) for subset in subsets)
 
 
-# One step of a run: time advance, urgent (inputs-only) cycle, told what changed, and per rack
-# (action, CCL, DCL, CVL, DVL).
-Step = tuple[float, bool, bool, list[tuple[str, float, float, float, float]]]
+# One step of a run: time advance, and per rack (action, CCL, DCL, CVL, DVL).
+Step = tuple[float, list[tuple[str, float, float, float, float]]]
 
 
 @dataclass
@@ -493,8 +501,7 @@ def runs(draw: st.DrawFn) -> tuple[ControllerConfig, list[Step]]:
     action = st.tuples(st.sampled_from(ACTIONS), st.sampled_from(LIMITS), st.sampled_from(LIMITS),
                        st.sampled_from(CEILINGS), st.sampled_from(FLOORS))
     steps = draw(st.lists(
-        st.tuples(st.sampled_from([0.0, 0.1, 0.4, 1.0, 2.0]), st.booleans(), st.booleans(),
-                  st.lists(action, min_size=n, max_size=n)),
+        st.tuples(st.sampled_from([0.0, 0.1, 0.4, 1.0, 2.0]), st.lists(action, min_size=n, max_size=n)),
         min_size=3, max_size=40,
     ))
     return cfg, steps
@@ -582,32 +589,25 @@ def _check_voltages(state: ConsolidatedState, parallel: Pairs, held: Pairs) -> N
 def test_the_bank_never_exceeds_what_the_racks_last_known_in_parallel_allow(
     run: tuple[ControllerConfig, list[Step]],
 ) -> None:
-    """At every cycle, full or urgent, told what changed or not: CCL and DCL are at most the policy over the
+    """At every cycle of the engine: CCL and DCL are at most the policy over the
     racks in parallel plus any subset of the racks held at their last limits and shares (a held rack may
     or may not still be in parallel), CVL at most their lowest ceiling and DVL at least their highest floor
-    (but below CVL). Full cycles equal uncached ones, told cycles untold ones."""
+    (but below CVL). The engine equals the reference cycle, output and memory."""
     cfg, steps = run
     ids = rack_ids(len(cfg.roster))
     known = {rid: Known() for rid in ids}
     inputs: dict[str, RackInput] = {}
+    engine = Engine(cfg)
     memory = CoreMemory.initial()
     t = 0.0
-    for i, (dt, urgent_drawn, told, actions) in enumerate(steps):
+    for i, (dt, actions) in enumerate(steps):
         t = round(t + dt, 6)
-        before = dict(inputs)
         for rid, (kind, *limits) in zip(ids, actions, strict=True):
             new = _input(rid, kind, (limits[0], limits[1], limits[2], limits[3]), inputs.get(rid), t, seq=i)
-            if new is not None:
+            if new is not None and new is not inputs.get(rid):
                 inputs[rid] = new
-        urgent = urgent_drawn and i > 0
-        snap = Snapshot(racks=dict(inputs))
-        changed = frozenset(r for r in ids if before.get(r) is not inputs.get(r))
-        told_snap = replace(snap, changed=changed) if told and i > 0 else snap
-        state, after = step(told_snap, cfg, t, WALL_OFFSET_S + t, memory, inputs_only=urgent)
-        untold, _ = step(snap, cfg, t, WALL_OFFSET_S + t, memory, inputs_only=urgent)
-        assert state == untold, f"step {i} t={t}"
-        if not urgent:
-            full, full_memory = step(snap, cfg, t, WALL_OFFSET_S + t, replace(memory, cache=None))
-            assert state == full and after == full_memory, f"step {i} t={t}"
+                engine.put(new)
+        state = engine.cycle(t, WALL_OFFSET_S + t)
+        full, memory = step(Snapshot(racks=dict(inputs)), cfg, t, WALL_OFFSET_S + t, memory)
+        assert state == full and engine.memory == memory, f"step {i} t={t}"
         _check_bound(cfg, state, known, inputs, t)
-        memory = after

@@ -10,8 +10,8 @@ from controller.core.admission import admit, quorum_shortfall
 from controller.core.bounds import amps_down, current_down_da, voltage_limits_dv
 from controller.core.classify import stale_after_s
 from controller.core.derates import slope_per_s
-from controller.core.engine import CoreMemory
 from controller.core.faults import FLAG_DIRECTION, Direction, Latch, direction_of, update_latches
+from controller.core.memory import CoreMemory
 from controller.core.policies import FIXED_ROWS, table
 from controller.core.slew import slew
 from controller.core.tables import Harmful, interpolate, play

@@ -14,9 +14,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.core.engine import CoreMemory, step
 from controller.core.faults import FLAG_DIRECTION, Direction
+from controller.core.memory import CoreMemory
 from controller.core.snapshot import RackInput, Snapshot
+from controller.core.step import step
 from shared.cluster import ConsolidatedState, RackState
 from shared.controller_config import ControllerConfig, CurrentPolicy
 from shared.models import PROTECTION_FLAG_NAMES, ContactorState

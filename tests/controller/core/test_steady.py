@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.core.engine import CoreMemory, step
+from controller.core.memory import CoreMemory
+from controller.core.step import step
 from shared.controller_config import AggregationConfig
 from tests.controller.core.builders import WALL_OFFSET_S, config, rack_ids, snapshot, telemetry
 
