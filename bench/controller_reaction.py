@@ -1,13 +1,14 @@
-"""Controller reaction benchmark: rack publish → CAN frame with the lowered limit, next to the bare floor.
+"""Controller reaction benchmark: rack publish → CAN frame with the lowered limit, next to bare floors.
 
 Everything runs on 127.0.0.1, in separate processes, on one Mosquitto broker and one python-can-remote
-CAN bridge (virtual bus): the raw-socket publisher, the bare floor (a plain paho subscriber that sends
-one 0x351 per lowering) or the real ``bmslink controller``, and this process recording 0x351 frames.
+CAN bridge (virtual bus): the raw-socket publisher; the bare floors (a gmqtt subscriber, the controller's
+own client stack, and a raw-socket one, each sending one 0x351 per lowering) or the real ``bmslink
+controller``; and this process recording 0x351 frames.
 The parts are in ``bench/reaction/`` (rig, reaction, rates, step cost); the design, the targets and the
 latest figures are in ``docs/performance.md``.
 
 Phases, each skippable: ``step`` (the core's step in-process), ``reaction`` (latency and CPU share per
-roster size, floor then controller), ``rate`` (the sustained-rate sweep over ``--rate-racks`` racks).
+roster size, floors then controller), ``rate`` (the sustained-rate sweep over ``--rate-racks`` racks).
 Each prints its table as it ends and a summary at the end; ``--json PATH`` also writes every result (with
 the commit, the machine and the arguments) to PATH, at the end or when the run is interrupted.
 
@@ -142,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CPU shares are read over this quiet window, at the largest roster only")
     # At least 1 msg/s per rack: the payload says it polls every 500 ms, stale after 1.5 s.
     parser.add_argument("--rate-racks", type=int, default=1000, help="roster of the sustained-rate test")
-    parser.add_argument("--rates", type=float, nargs="+", help="offered to the bare floor, msg/s",
+    parser.add_argument("--rates", type=float, nargs="+", help="offered to the gmqtt floor, msg/s",
                         default=[2000, 4000, 6000, 7000, 8000, 9000, 10000, 11000, 12000, 14000])
     parser.add_argument("--controller-rates", type=float, nargs="+", help="offered to the controller, msg/s",
                         default=[1000, 2000, 3000, 4000, 6000, 8000, 10000, 11000, 12000, 14000])

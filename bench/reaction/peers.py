@@ -2,11 +2,14 @@
 
 * ``publisher``: a low-CPU raw-socket MQTT publisher. It sends pre-encoded payloads
   (:mod:`bench.reaction.wire`) for N racks, evenly spread, at a set total rate.
-* ``floor``: the bare floor, a minimal paho subscriber with TCP_NODELAY that only receives and
-  msgpack-decodes every message, and sends one 0x351 frame over the CAN bridge when a rack's charge
-  limit drops. Its reaction is the transport's floor.
+* ``floor``: the bare floor on the controller's own client stack: a gmqtt subscriber (MQTT 3.1.1, as
+  the controller's default) that only receives and msgpack-decodes every message, and sends one 0x351
+  frame over the CAN bridge when a rack's charge limit drops. Its reaction is the floor the controller
+  is held to.
+* ``raw-floor``: the same work on a raw socket (MQTT packets parsed by hand, no client library):
+  what the transport itself costs, reported beside the gmqtt floor.
 
-Run by the rig as ``python -m bench.reaction.peers {publisher,floor} --port P --racks N --base A ...``.
+Run by the rig as ``python -m bench.reaction.peers {publisher,floor,raw-floor} --port P --racks N ...``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import socket
 import struct
 import sys
 import time
-from typing import Any
 
 from bench.reaction.wire import (
     ID_LIMITS,
@@ -29,6 +31,7 @@ from bench.reaction.wire import (
     connect_packet,
     publish_packet,
     rack_ids,
+    subscribe_packet,
     telemetry_template,
 )
 
@@ -132,69 +135,167 @@ def run_publisher(args: argparse.Namespace) -> None:
                 reply(f"stats {total} {late}")
 
 
-def run_floor(args: argparse.Namespace) -> None:
-    """paho subscriber: receive + msgpack-decode every message; one 0x351 when a CCL drops.
+class _FloorWork:
+    """What every floor does per message: msgpack-decode it; one 0x351 when a rack's CCL drops."""
 
-    Commands: ``stats`` (answers ``stats RECEIVED``); ``quit``.
-    """
-    import can  # noqa: PLC0415
-    import msgpack  # noqa: PLC0415
-    import paho.mqtt.client as paho  # noqa: PLC0415
-    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
+    def __init__(self, args: argparse.Namespace) -> None:
+        import can  # noqa: PLC0415
 
-    from shared.dbc import load_dbc  # noqa: PLC0415
-    from shared.topics import Topics  # noqa: PLC0415
+        from shared.dbc import load_dbc  # noqa: PLC0415
 
-    topics = Topics(PREFIX, SITE)
-    limits = load_dbc("pylon").get_message_by_frame_id(ID_LIMITS)
-    bus = can.Bus(interface="remote", channel=args.can)
-    n, base = args.racks, args.base
-    last: dict[str, float] = {}
-    counter = [0]
+        self.limits = load_dbc("pylon").get_message_by_frame_id(ID_LIMITS)
+        self.bus = can.Bus(interface="remote", channel=args.can)
+        self.n, self.base = args.racks, args.base
+        self.last: dict[str, float] = {}
+        self.received = 0
 
-    def on_connect(client: paho.Client, _u: Any, _f: Any, _rc: Any, _p: Any) -> None:
-        sock = client.socket()
-        if isinstance(sock, socket.socket):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client.subscribe(topics.all_rack_telemetry, qos=0)
+    def on_payload(self, payload: bytes) -> None:
+        import can  # noqa: PLC0415
+        import msgpack  # noqa: PLC0415
 
-    def on_subscribe(_c: paho.Client, _u: Any, _mid: Any, _rc: Any, _p: Any) -> None:
-        print("ready", flush=True)
-
-    def on_message(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        counter[0] += 1
-        data = msgpack.unpackb(msg.payload, raw=False, strict_map_key=True)
+        self.received += 1
+        data = msgpack.unpackb(payload, raw=False, strict_map_key=True)
         ccl = data["measurements"]["charge_current_limit_a"]
         rack = data["rack_id"]
-        if last.get(rack, base) != ccl:
-            last[rack] = ccl
-            if ccl < base:
-                payload = limits.encode({"ChargeVoltageLimit": 55.2, "ChargeCurrentLimit": bank_a(ccl, n),
-                                         "DischargeCurrentLimit": 200.0, "DischargeVoltageLimit": 46.4})
-                bus.send(can.Message(arbitration_id=ID_LIMITS, data=payload, is_extended_id=False))
+        if self.last.get(rack, self.base) != ccl:
+            self.last[rack] = ccl
+            if ccl < self.base:
+                frame = self.limits.encode({
+                    "ChargeVoltageLimit": 55.2, "ChargeCurrentLimit": bank_a(ccl, self.n),
+                    "DischargeCurrentLimit": 200.0, "DischargeVoltageLimit": 46.4})
+                self.bus.send(can.Message(arbitration_id=ID_LIMITS, data=frame, is_extended_id=False))
 
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-floor-{os.getpid()}",
-                         protocol=paho.MQTTv5)
-    client.on_connect = on_connect
-    client.on_subscribe = on_subscribe
-    client.on_message = on_message
-    client.connect(args.host, args.port, keepalive=5)
-    client.loop_start()
+    def command(self, line: str) -> bool:
+        """One stdin command (``stats``: answers ``stats RECEIVED``); False on ``quit``."""
+        if line.strip() == "stats":
+            print(f"stats {self.received}", flush=True)
+        return line.strip() != "quit"
+
+    def close(self) -> None:
+        self.bus.shutdown()
+
+
+def run_floor(args: argparse.Namespace) -> None:
+    """gmqtt subscriber (public API, MQTT 3.1.1): receive + decode every message; 0x351 on a drop."""
+    import asyncio  # noqa: PLC0415
+
+    import gmqtt  # noqa: PLC0415
+    from gmqtt.mqtt.constants import MQTTv311  # noqa: PLC0415
+
+    from shared.topics import Topics  # noqa: PLC0415
+
+    work = _FloorWork(args)
+    topics = Topics(PREFIX, SITE)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        subscribed = asyncio.Event()
+        client = gmqtt.Client(f"bench-floor-{os.getpid()}")
+        client.on_message = lambda _c, _t, payload, _q, _p: work.on_payload(payload)
+        client.on_subscribe = lambda *_: subscribed.set()
+        await client.connect(args.host, args.port, keepalive=5, version=MQTTv311)
+        client.subscribe(topics.all_rack_telemetry, qos=0)
+        await asyncio.wait_for(subscribed.wait(), 5)
+        print("ready", flush=True)
+        stdin = sys.stdin.fileno()
+        os.set_blocking(stdin, False)
+        pending = [b""]
+
+        def on_stdin() -> None:
+            chunk = os.read(stdin, 65536)
+            pending[0] += chunk
+            while b"\n" in pending[0]:
+                line, pending[0] = pending[0].split(b"\n", 1)
+                if not work.command(line.decode()):
+                    done.set()
+            if not chunk:
+                done.set()
+
+        loop.add_reader(stdin, on_stdin)
+        await done.wait()
+        loop.remove_reader(stdin)
+        await client.disconnect()
+
     try:
-        for line in sys.stdin:
-            if line.strip() == "stats":
-                print(f"stats {counter[0]}", flush=True)
-            elif line.strip() == "quit":
-                break
+        asyncio.run(serve())
     finally:
-        client.disconnect()
-        client.loop_stop()
-        bus.shutdown()
+        work.close()
+
+
+def run_raw_floor(args: argparse.Namespace) -> None:
+    """Raw-socket subscriber: MQTT 3.1.1 packets parsed by hand; the same work per message."""
+    from shared.topics import Topics  # noqa: PLC0415
+
+    work = _FloorWork(args)
+    topics = Topics(PREFIX, SITE)
+    sock = socket.create_connection((args.host, args.port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client_id = f"bench-raw-floor-{os.getpid()}"
+    sock.sendall(connect_packet(client_id) + subscribe_packet(topics.all_rack_telemetry))
+    stdin = sys.stdin.fileno()
+    os.set_blocking(stdin, False)
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ)
+    selector.register(stdin, selectors.EVENT_READ)
+    buf = bytearray()
+    pending = b""
+    try:
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj is sock:
+                    chunk = sock.recv(1 << 20)
+                    if not chunk:
+                        return
+                    buf += chunk
+                    used = 0
+                    while True:
+                        packet = _next_packet(buf, used)
+                        if packet is None:
+                            break
+                        kind, start, end = packet
+                        if kind == 0x30:  # PUBLISH, QoS 0: topic, then the payload
+                            topic_len = struct.unpack_from(">H", buf, start)[0]
+                            work.on_payload(bytes(buf[start + 2 + topic_len:end]))
+                        elif kind == 0x90:  # SUBACK
+                            print("ready", flush=True)
+                        used = end
+                    del buf[:used]
+                else:
+                    chunk = os.read(stdin, 65536)
+                    pending += chunk
+                    while b"\n" in pending:
+                        line, pending = pending.split(b"\n", 1)
+                        if not work.command(line.decode()):
+                            return
+                    if not chunk:
+                        return
+    finally:
+        sock.close()
+        work.close()
+
+
+def _next_packet(buf: bytearray, at: int) -> tuple[int, int, int] | None:
+    """(packet type with flags cleared, body start, end) of the packet at ``at``, None if incomplete."""
+    if len(buf) - at < 2:
+        return None
+    length, shift, i = 0, 0, at + 1
+    while True:
+        if i >= len(buf):
+            return None
+        byte = buf[i]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        i += 1
+        if not byte & 0x80:
+            break
+    end = i + length
+    return (buf[at] & 0xF0, i, end) if end <= len(buf) else None
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.reaction.peers")
-    parser.add_argument("role", choices=["publisher", "floor"])
+    parser.add_argument("role", choices=["publisher", "floor", "raw-floor"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--racks", type=int, required=True)
@@ -205,8 +306,10 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     if args.role == "publisher":
         run_publisher(args)
-    else:
+    elif args.role == "floor":
         run_floor(args)
+    else:
+        run_raw_floor(args)
 
 
 if __name__ == "__main__":

@@ -142,10 +142,10 @@ def print_sweep(system: str, racks: int, steps: Sequence[RateStep]) -> None:
 def print_ceilings(sweeps: dict[str, list[RateStep]]) -> None:
     floor_c, ctl_c = ceiling(sweeps[FLOOR], within_p99=False), ceiling(sweeps[CONTROLLER], within_p99=False)
     share = ctl_c / floor_c if floor_c else float("nan")
-    print(f"ceilings (keeps up, no backlog): bare floor {floor_c:.0f} msg/s, controller {ctl_c:.0f} msg/s"
+    print(f"ceilings (keeps up, no backlog): gmqtt floor {floor_c:.0f} msg/s, controller {ctl_c:.0f} msg/s"
           f" ({share:.2f}x of the floor)")
     floor_p, ctl_p = ceiling(sweeps[FLOOR], within_p99=True), ceiling(sweeps[CONTROLLER], within_p99=True)
-    print(f"with the probes' p99 < {SUSTAIN_P99_S * 1000:.0f} ms: bare floor {floor_p:.0f} msg/s,"
+    print(f"with the probes' p99 < {SUSTAIN_P99_S * 1000:.0f} ms: gmqtt floor {floor_p:.0f} msg/s,"
           f" controller {ctl_p:.0f} msg/s")
 
 

@@ -1,7 +1,7 @@
 """Reaction latency, rack publish → first 0x351 with the lowered limit, and the CPU share, per roster size.
 
-For each roster: the publisher sends every rack at 2 Hz; first the bare floor, then the controller
-(after a warm-up as long as the thermal window, so every rack carries a full window of samples as in
+For each roster: the publisher sends every rack at 2 Hz; first the two bare floors (gmqtt, the
+controller's client stack; and a raw socket), then the controller (after a warm-up as long as the thermal window, so every rack carries a full window of samples as in
 steady operation) take the same number of lowerings, spaced off the 2 Hz grid and the control tick. CPU
 (utime + stime from /proc) is read over a quiet window before the lowerings, for the system and for the
 rest of the rig in the same window.
@@ -30,7 +30,8 @@ from bmslink.processes import ManagedProcess
 RATE_PER_RACK_HZ = 2.0
 FLOOR_SETTLE_S = 1.0
 TRIAL_GAP_S = (0.03, 0.09)  # random pause between lowerings: off the 2 Hz grid and the control tick
-FLOOR = "bare floor"
+FLOOR = "gmqtt floor"  # the controller's p99 is held to this one's
+RAW_FLOOR = "raw floor"
 CONTROLLER = "controller"
 
 
@@ -67,19 +68,27 @@ def trials(rig: Rig, pub: ManagedProcess, ladder: Ladder, count: int, rnd: rando
     return out
 
 
+def floor_reaction(rig: Rig, pub: ManagedProcess, ladder: Ladder, n: int, count: int, rnd: random.Random, *,
+                   role: str, system: str, cpu_window_s: float) -> Reaction:
+    floor = start_floor(rig, n, role)
+    time.sleep(FLOOR_SETTLE_S)
+    floor_cpu = cpu_shares(rig.pids(floor, pub), cpu_window_s) if cpu_window_s else {}
+    got = trials(rig, pub, ladder, count, rnd, controller=False)
+    rig.stop_child(floor)
+    ladder.restore(pub, rig, controller=False)
+    return Reaction(system, n, got.latencies_s, got.missed, floor_cpu.pop("system", None), floor_cpu)
+
+
 def reaction_phase(rig: Rig, n: int, count: int, rnd: random.Random, *, warmup_s: float,
-                   cpu_window_s: float) -> tuple[Reaction, Reaction]:
-    """(bare floor, controller) at ``n`` racks; CPU measured only when ``cpu_window_s`` is positive."""
+                   cpu_window_s: float) -> list[Reaction]:
+    """[gmqtt floor, raw floor, controller] at ``n`` racks; CPU measured only when ``cpu_window_s`` is
+    positive."""
     pub = start_publisher(rig, n, RATE_PER_RACK_HZ * n)
     try:
         ladder = Ladder(n)
-        floor = start_floor(rig, n)
-        time.sleep(FLOOR_SETTLE_S)
-        floor_cpu = cpu_shares(rig.pids(floor, pub), cpu_window_s) if cpu_window_s else {}
-        got = trials(rig, pub, ladder, count, rnd, controller=False)
-        rig.stop_child(floor)
-        bare = Reaction(FLOOR, n, got.latencies_s, got.missed, floor_cpu.pop("system", None), floor_cpu)
-        ladder.restore(pub, rig, controller=False)
+        floors = [floor_reaction(rig, pub, ladder, n, count, rnd, role=role, system=system,
+                                 cpu_window_s=cpu_window_s)
+                  for role, system in (("floor", FLOOR), ("raw-floor", RAW_FLOOR))]
         started = time.monotonic()
         ctl = start_controller(rig, n)
         time.sleep(max(0.0, warmup_s - (time.monotonic() - started)))
@@ -87,7 +96,7 @@ def reaction_phase(rig: Rig, n: int, count: int, rnd: random.Random, *, warmup_s
         got = trials(rig, pub, ladder, count, rnd, controller=True)
         rig.stop_child(ctl)
         ctl_share = ctl_cpu.pop("system", None)
-        return bare, Reaction(CONTROLLER, n, got.latencies_s, got.missed, ctl_share, ctl_cpu)
+        return [*floors, Reaction(CONTROLLER, n, got.latencies_s, got.missed, ctl_share, ctl_cpu)]
     finally:
         rig.stop_child(pub)
 
@@ -111,8 +120,12 @@ def print_reactions(reactions: list[Reaction]) -> None:
 
 
 def reactions_json(reactions: list[Reaction]) -> dict[str, Any]:
-    """The rows, and per roster size the controller's p99 over the floor's (the target's ratio)."""
-    floor_p99 = {r.racks: r.p(99) for r in reactions if r.system == FLOOR}
-    ratios = {str(r.racks): r.p(99) / floor_p99[r.racks] for r in reactions
-              if r.system == CONTROLLER and r.racks in floor_p99}
-    return {"rows": [r.to_json() for r in reactions], "p99_over_floor": ratios}
+    """The rows, and per roster size the controller's p99 over the gmqtt floor's (the target's ratio)
+    and over the raw floor's."""
+    def over(floor: str) -> dict[str, float]:
+        floor_p99 = {r.racks: r.p(99) for r in reactions if r.system == floor}
+        return {str(r.racks): r.p(99) / floor_p99[r.racks] for r in reactions
+                if r.system == CONTROLLER and r.racks in floor_p99}
+
+    return {"rows": [r.to_json() for r in reactions], "p99_over_floor": over(FLOOR),
+            "p99_over_raw_floor": over(RAW_FLOOR)}

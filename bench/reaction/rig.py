@@ -210,9 +210,10 @@ def start_publisher(rig: Rig, n: int, rate: float) -> ManagedProcess:
     return pub
 
 
-def start_floor(rig: Rig, n: int) -> ManagedProcess:
-    floor = rig.child(f"floor-{n}", _peer("floor", "--port", str(rig.broker.port), "--racks", str(n),
-                                          "--base", repr(ladder_value(n, 0)), "--can", rig.bridge.channel))
+def start_floor(rig: Rig, n: int, role: str = "floor") -> ManagedProcess:
+    """A floor subscriber (``role``: ``floor`` on gmqtt, ``raw-floor`` on a raw socket)."""
+    floor = rig.child(f"{role}-{n}", _peer(role, "--port", str(rig.broker.port), "--racks", str(n),
+                                           "--base", repr(ladder_value(n, 0)), "--can", rig.bridge.channel))
     floor.lines.expect("ready", READY_TIMEOUT_S)
     return floor
 

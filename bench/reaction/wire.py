@@ -102,3 +102,9 @@ def publish_packet(topic: str, payload: bytes) -> tuple[bytearray, int]:
     head = _utf8(topic)
     fixed = b"\x30" + _remaining_length(len(head) + len(payload))
     return bytearray(fixed + head + payload), len(fixed) + len(head)
+
+
+def subscribe_packet(topic: str) -> bytes:
+    """MQTT 3.1.1 SUBSCRIBE (packet id 1) to one filter at QoS 0."""
+    body = struct.pack(">H", 1) + _utf8(topic) + b"\x00"
+    return b"\x82" + _remaining_length(len(body)) + body
