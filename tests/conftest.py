@@ -12,6 +12,7 @@ on purpose to something that outlives it.
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -33,6 +34,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         f"{ALLOW_LEAKS_MARKER}: skip the thread/process/task leak check (the test hands them on on purpose)",
     )
+    # A run started in the background (`scripts/test &`) inherits SIGINT ignored, and an ignored signal
+    # stays ignored across exec: every child would then sit out the harness's SIGINT and be stopped
+    # by SIGTERM seconds later. A handler (unlike SIG_IGN) is reset to the default in each child.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
