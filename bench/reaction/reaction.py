@@ -1,8 +1,9 @@
 """Reaction latency, rack publish → first 0x351 with the lowered limit, and the CPU share, per roster size.
 
 For each roster: the publisher sends every rack at 2 Hz; first the two bare floors (gmqtt, the
-controller's client stack; and a raw socket), then the controller (after a warm-up as long as the thermal window, so every rack carries a full window of samples as in
-steady operation) take the same number of lowerings, spaced off the 2 Hz grid and the control tick. CPU
+controller's client stack; and a raw socket), then the controller (after a warm-up as long as the
+thermal window, so every rack carries a full window of samples as in steady operation) take the same
+number of lowerings, spaced off the 2 Hz grid and the control tick. CPU
 (utime + stime from /proc) is read over a quiet window before the lowerings, for the system and for the
 rest of the rig in the same window.
 """

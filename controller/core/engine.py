@@ -5,16 +5,16 @@ property tests in ``tests/controller/core/test_engine.py`` drive random event se
 and compare every output and every memory.
 
 What the engine is told, explicitly: a rack's new input (:meth:`Engine.put`), a new config
-(:meth:`Engine.reconfigure`), and each cycle's time and clear command (:meth:`Engine.cycle`). It
+(:meth:`Engine.reconfigure`), and each cycle's time and clear commands (:meth:`Engine.cycle`). It
 keeps every roster rack's last outcome (``rack_outcome``), and a cycle recomputes a rack only
 
-- when it was given a new input since its outcome, or
+- when it was given a new input or a new clear command since its outcome, or
 - when its outcome's validity time (``RackOutcome.valid_until_s``, kept in a heap) has passed;
 
-every rack is recomputed after a new config, a new clear command, a clock that stepped back, and a
-cycle that raised. The bank's inputs (``bank.BankInputs``) are patched with the recomputed outcomes
-while no rack joins or leaves a population or holds a latch, else made again from every outcome; the
-consolidation itself (``bank.consolidate``) runs in full every cycle.
+every rack is recomputed after a new config, a clock that stepped back, and a cycle that raised.
+The bank's inputs (``bank.BankInputs``) are patched with the recomputed outcomes while no rack joins
+or leaves a population or holds a latch, else made again from every outcome; the consolidation
+itself (``bank.consolidate``) runs in full every cycle.
 
 Why that is the reference's result: a rack's outcome is a function of its input, its memory, its
 roster entry, the config, the clear command and the time; with all but the time unchanged it stands
@@ -127,7 +127,7 @@ class Engine:
         # The last cycle's outcomes in roster order (None: recompute every rack next cycle).
         self._outcomes: list[RackOutcome] | None = None
         self._bank: _Bank | None = None
-        self._clear_command_s: float | None = None
+        self._clear_commands_s: Mapping[str, float] = MappingProxyType({})
         self._changed: set[str] = set()  # roster racks put since their outcome
         self._due: list[tuple[float, str]] = []  # (validity time, rack id), a heap
         self._due_s: dict[str, float] = {}  # each rack's current validity time (heap entries may be old)
@@ -159,28 +159,32 @@ class Engine:
         self._outcomes = None
 
     def cycle(
-        self, now_s: float, wall_s: float, *, clear_command_s: float | None = None,
+        self, now_s: float, wall_s: float, *, clear_commands_s: Mapping[str, float] | None = None,
         unknown_racks: tuple[str, ...] = (),
     ) -> ConsolidatedState:
         """This cycle's consolidated battery: ``step`` on every input put so far, from the memory of the
-        cycles before (``unknown_racks``: ids heard off the roster, reported before those put)."""
+        cycles before (``clear_commands_s``: as ``Snapshot.clear_commands_s``, None: the last cycle's;
+        ``unknown_racks``: ids heard off the roster, reported before those put). Pass the same mapping
+        while no clear arrives: a new one is compared with the last, rack by rack."""
+        clears = self._clear_commands_s if clear_commands_s is None else clear_commands_s
         try:
-            return self._cycle(now_s, wall_s, clear_command_s, unknown_racks)
+            return self._cycle(now_s, wall_s, clears, unknown_racks)
         except BaseException:
             self._outcomes = None  # the heap and the outcomes may disagree now: start again in full
             raise
 
     def _cycle(
-        self, now_s: float, wall_s: float, clear_command_s: float | None, unknown_racks: tuple[str, ...]
+        self, now_s: float, wall_s: float, clears: Mapping[str, float], unknown_racks: tuple[str, ...]
     ) -> ConsolidatedState:
         last_now_s = self._memory.last_now_s
         outcomes = self._outcomes
-        if (
-            outcomes is None
-            or clear_command_s != self._clear_command_s
-            or (last_now_s is not None and now_s < last_now_s)
-        ):
-            outcomes = [self._outcome(rack_id, now_s, clear_command_s) for rack_id in self._roster_at]
+        if clears is not self._clear_commands_s:
+            self._changed.update(
+                rack_id for rack_id in self._roster_at
+                if clears.get(rack_id) != self._clear_commands_s.get(rack_id)
+            )
+        if outcomes is None or (last_now_s is not None and now_s < last_now_s):
+            outcomes = [self._outcome(rack_id, now_s, clears) for rack_id in self._roster_at]
             bank = _Bank.of(outcomes)
             self._due, self._due_s = [], {}
             recomputed: Sequence[RackOutcome] = outcomes
@@ -189,7 +193,7 @@ class Engine:
             changes = []
             for rack_id in sorted(self._changed | self._due_racks(now_s)):
                 at = self._roster_at[rack_id]
-                new = self._outcome(rack_id, now_s, clear_command_s)
+                new = self._outcome(rack_id, now_s, clears)
                 changes.append((at, outcomes[at], new))
                 outcomes[at] = new
             assert self._bank is not None  # made with the outcomes
@@ -204,17 +208,17 @@ class Engine:
             self._schedule(outcome)
         self.racks_recomputed += len(recomputed)
         self._outcomes, self._bank, self._memory = outcomes, bank, memory
-        self._clear_command_s = clear_command_s
+        self._clear_commands_s = clears
         self._changed.clear()
         return state
 
-    def _outcome(self, rack_id: str, now_s: float, clear_command_s: float | None) -> RackOutcome:
+    def _outcome(self, rack_id: str, now_s: float, clears: Mapping[str, float]) -> RackOutcome:
         return rack_outcome(
             roster_rack=self._config.roster[self._roster_at[rack_id]],
             rack_input=self._inputs.get(rack_id) or RackInput(rack_id),
             previous=self._memory.racks.get(rack_id) or RackMemory(),
             config=self._config,
-            clear_command_s=clear_command_s,
+            clear_command_s=clears.get(rack_id),
             now_s=now_s,
         )
 

@@ -4,7 +4,8 @@ cycle's whole view of the rack table (``Snapshot``)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import NamedTuple
 
 from shared.records import TelemetryRecord
@@ -28,11 +29,16 @@ class RackInput(NamedTuple):
     invalid_reason: str = ""
 
 
+def _no_clears() -> Mapping[str, float]:
+    return MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """All roster racks (every roster id is present), plus ids heard that are not on the roster."""
 
     racks: Mapping[str, RackInput]
     unknown_racks: tuple[str, ...] = ()
-    # Monotonic time of the latest accepted "clear latched alarms" command (None: never).
-    clear_command_s: float | None = None
+    # Per rack, the monotonic time of the latest accepted "clear latched alarms" command naming it
+    # (a clear of every rack names each); a rack absent here was never cleared.
+    clear_commands_s: Mapping[str, float] = field(default_factory=_no_clears)

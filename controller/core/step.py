@@ -4,7 +4,7 @@
 socket and no random source: the same arguments always give the same result. Its whole history is
 :class:`~controller.core.memory.CoreMemory`, which the caller hands back next cycle
 (``CoreMemory.initial()`` at start). ``now_s`` is the controller's monotonic time, the clock of
-``RackInput.received_s``/``invalid_at_s`` and ``Snapshot.clear_command_s``; ``wall_s`` only becomes
+``RackInput.received_s``/``invalid_at_s`` and ``Snapshot.clear_commands_s``; ``wall_s`` only becomes
 ``ConsolidatedState.timestamp_s``.
 
 A cycle is two halves: every roster rack's outcome (``rack_outcome``), then the bank consolidated
@@ -36,7 +36,7 @@ def step(
             rack_input=snapshot.racks.get(roster_rack.rack_id) or RackInput(roster_rack.rack_id),
             previous=memory.racks.get(roster_rack.rack_id) or RackMemory(),
             config=config,
-            clear_command_s=snapshot.clear_command_s,
+            clear_command_s=snapshot.clear_commands_s.get(roster_rack.rack_id),
             now_s=now_s,
         )
         for roster_rack in config.roster

@@ -140,7 +140,8 @@ def snapshot(
     unknown: Sequence[str] = (),
     clear_command_s: float | None = None,
 ) -> Snapshot:
-    """A snapshot at ``t``: telemetry counts as received at ``t``; a ``RackInput`` is taken as is."""
+    """A snapshot at ``t``: telemetry counts as received at ``t``; a ``RackInput`` is taken as is;
+    ``clear_command_s``: a clear of every rack given at that time."""
     inputs: dict[str, RackInput] = {}
     for rid, spec in racks.items():
         if isinstance(spec, RackInput):
@@ -149,7 +150,8 @@ def snapshot(
             inputs[rid] = RackInput(rid)
         else:
             inputs[rid] = RackInput(rid, telemetry=spec, received_s=t)
-    return Snapshot(racks=inputs, unknown_racks=tuple(unknown), clear_command_s=clear_command_s)
+    clears = {} if clear_command_s is None else dict.fromkeys(racks, clear_command_s)
+    return Snapshot(racks=inputs, unknown_racks=tuple(unknown), clear_commands_s=clears)
 
 
 def all_racks(n: int, t: float | None = None, **kwargs: Any) -> dict[str, RackSpec]:
@@ -216,7 +218,7 @@ class EngineBeside:
             self.engine = Engine(self.engine.config, self.engine.memory)
             for rack_input in self._told.values():
                 self.engine.put(rack_input)
-        got = self.engine.cycle(t, WALL_OFFSET_S + t, clear_command_s=snap.clear_command_s,
+        got = self.engine.cycle(t, WALL_OFFSET_S + t, clear_commands_s=snap.clear_commands_s,
                                 unknown_racks=snap.unknown_racks)
         assert got == state, f"engine and reference differ at t={t}"
         assert self.engine.memory == memory, f"engine and reference memories differ at t={t}"

@@ -6,8 +6,9 @@ being held at their last limits until isolated, hold and ramp, comm loss, invali
 that latch and are cleared by command, thermal samples leaving a short window, time standing still
 or stepping back, a reload, strangers off the roster) driven through an ``Engine`` and through
 ``step`` side by side. The engine is told only what a shell tells it: each new input once (some held
-back for later cycles, as routine payloads wait for the full cycle, some put twice), the clear command
-and a new config. Every state and every memory must be equal, cycle by cycle. The fast helpers are
+back for later cycles, as routine payloads wait for the full cycle, some put twice), the clear
+commands (of every rack or of some, in a new mapping only when one arrives) and a new config. Every
+state and every memory must be equal, cycle by cycle. The fast helpers are
 checked against the plain code (hypothesis, derandomized): ``ProtectionFlags.raised`` exactly,
 the running thermal slope (``WindowSums``) to rounding.
 """
@@ -15,7 +16,9 @@ the running thermal slope (``WindowSums``) to rounding.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import pytest
 from hypothesis import given, settings
@@ -164,7 +167,7 @@ def scenario(seed: int, n: int = 6, cycles: int = 400) -> list[tuple[ControllerC
     racks = [Rack(rid, poll_s=rnd.choice([0.2, 0.5, 1.0])) for rid in rack_ids(n)]
     inputs: dict[str, RackInput] = {}
     never_heard = racks[-1].rack_id if seed % 2 else None
-    clear_s: float | None = None
+    clears: Mapping[str, float] = MappingProxyType({})
     t = 0.0
     out = []
     for i in range(cycles):
@@ -182,13 +185,14 @@ def scenario(seed: int, n: int = 6, cycles: int = 400) -> list[tuple[ControllerC
             if t >= rack.next_publish_s and t >= rack.silent_until_s:
                 inputs[rack.rack_id] = _publish(rack, rnd, t)
                 rack.next_publish_s = t + rack.poll_s
-        if rnd.random() < 0.03:
-            clear_s = t
+        if rnd.random() < 0.03:  # a clear of every rack, or of some
+            named = [r.rack_id for r in racks if rnd.random() < 0.5] if rnd.random() < 0.5 else rack_ids(n)
+            clears = MappingProxyType({**clears, **dict.fromkeys(named, t)})
         if i == cycles // 2:
             # A reload: a new config object (equal or not) drops the cache once.
             cfg = cfg.model_copy(update={"aggregation": variants[(seed + 1) % len(variants)].aggregation})
         unknown = ("stranger",) if i % 97 == 5 else ()
-        out.append((cfg, t, Snapshot(racks=dict(inputs), unknown_racks=unknown, clear_command_s=clear_s)))
+        out.append((cfg, t, Snapshot(racks=dict(inputs), unknown_racks=unknown, clear_commands_s=clears)))
     return out
 
 
@@ -230,10 +234,10 @@ def side_by_side(seed: int, *, hold_back: float, n: int = 6, cycles: int = 400) 
         wall = WALL_OFFSET_S + t
         expected, memory = step(
             Snapshot(racks=dict(given), unknown_racks=snap.unknown_racks,
-                     clear_command_s=snap.clear_command_s),
+                     clear_commands_s=snap.clear_commands_s),
             cfg, t, wall, memory,
         )
-        got = engine.cycle(t, wall, clear_command_s=snap.clear_command_s, unknown_racks=snap.unknown_racks)
+        got = engine.cycle(t, wall, clear_commands_s=snap.clear_commands_s, unknown_racks=snap.unknown_racks)
         assert got == expected, f"seed {seed} cycle {i} t={t}"
         assert engine.memory == memory, f"seed {seed} cycle {i} t={t}"
         seen.cycles += 1
@@ -318,7 +322,7 @@ def test_a_cycle_that_raised_is_followed_by_the_reference_result(monkeypatch: py
                 engine.put(ri)
         previous = dict(snap.racks)
         try:
-            got = engine.cycle(t, WALL_OFFSET_S + t, clear_command_s=snap.clear_command_s,
+            got = engine.cycle(t, WALL_OFFSET_S + t, clear_commands_s=snap.clear_commands_s,
                                unknown_racks=snap.unknown_racks)
         except RuntimeError:
             raised += 1
@@ -343,7 +347,7 @@ def test_the_engine_is_deterministic() -> None:
                 if previous.get(rid) is not ri:
                     engine.put(ri)
             previous = dict(snap.racks)
-            states.append(engine.cycle(t, WALL_OFFSET_S + t, clear_command_s=snap.clear_command_s))
+            states.append(engine.cycle(t, WALL_OFFSET_S + t, clear_commands_s=snap.clear_commands_s))
         return states
 
     assert run() == run()
