@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -20,6 +21,7 @@ from rack_agent.errors import ProfileError
 from shared.config import ConfigError, is_loopback
 
 if TYPE_CHECKING:
+    from shared.config import MqttConfig
     from shared.controller_config import ControllerConfig
 
 EXIT_OK = 0
@@ -148,15 +150,104 @@ def _settle_heap_for_control() -> None:
     gc.set_threshold(10_000, 20, 20)
 
 
+# -- broker access for the operator's commands ------------------------------------------------
+
+PASSWORD_ENV = "BMSLINK_MQTT_PASSWORD"  # noqa: S105 - the variable's name, not a password
+
+
+def _add_broker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=1883)
+    parser.add_argument("--prefix", default="bmslink")
+    parser.add_argument("--site", required=True)
+    parser.add_argument("--username", help="broker user")
+    parser.add_argument("--password-file", type=Path,
+                        help=f"file holding the broker password (else ${PASSWORD_ENV}, if set)")
+    parser.add_argument("--tls-ca", type=Path, help="CA file: connect with TLS, verifying the broker")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate (with --tls-key)")
+    parser.add_argument("--tls-key", type=Path, help="client key (with --tls-cert)")
+
+
+def _broker_config(args: argparse.Namespace) -> MqttConfig:
+    """The broker settings of the command line, validated as the config files' are (ConfigError)."""
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from shared.config import MqttConfig, TlsConfig  # noqa: PLC0415
+
+    password = os.environ.get(PASSWORD_ENV)
+    if args.password_file is not None:
+        try:
+            password = args.password_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(args.password_file, [f"cannot read the password file: {exc}"]) from None
+    try:
+        tls = None
+        if args.tls_ca or args.tls_cert or args.tls_key:
+            tls = TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
+        return MqttConfig(host=args.host, port=args.port, topic_prefix=args.prefix, username=args.username,
+                          password=password, tls=tls, protocol="3.1.1")
+    except ValidationError as exc:
+        raise ConfigError("<command line>", [
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]) from None
+
+
 # -- monitor ----------------------------------------------------------------------------------
 
 
 def _cmd_monitor(args: argparse.Namespace) -> int:
     from bmslink.monitor import run_monitor  # noqa: PLC0415
-    from shared.config import MqttConfig  # noqa: PLC0415
 
-    mqtt = MqttConfig(host=args.host, port=args.port, topic_prefix=args.prefix)
+    mqtt = _broker_config(args)
     return run_until_signalled(lambda stop: run_monitor(mqtt, args.site, stop, once=args.once))
+
+
+# -- cmd ----------------------------------------------------------------------------------------
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from shared.commands import KeyIdCheck, new_key  # noqa: PLC0415
+
+    try:
+        KeyIdCheck(key_id=args.key_id)
+    except ValidationError:
+        raise ConfigError("<command line>", [
+            f"--key-id {args.key_id!r}: 1 to 64 letters, digits, '_', '.' or '-'"]) from None
+    print(f"# operator key {args.key_id!r}: add under [keys] in the controllers' key file and in the\n"
+          "# operator's own; keep both readable by their owner only (chmod 600)\n"
+          f"{args.key_id} = \"{new_key()}\"")
+    return EXIT_OK
+
+
+def _cmd_command(args: argparse.Namespace) -> int:
+    from bmslink.command_client import CommandClientError, as_json, describe, send_command  # noqa: PLC0415
+    from shared.commands import CommandAction, KeyFileError, load_keys, new_command  # noqa: PLC0415
+
+    mqtt = _broker_config(args)
+    try:
+        keys = load_keys(args.key_file)
+    except KeyFileError as exc:
+        raise ConfigError(args.key_file, [str(exc)]) from None
+    key = keys.get(args.key_id)
+    if key is None:
+        raise ConfigError(args.key_file, [f"no key {args.key_id!r} in it (it has {', '.join(sorted(keys))})"])
+    if args.all == bool(args.rack):
+        raise ConfigError("<command line>", ["name the racks (--rack ID, repeatable) or give --all, "
+                                             "not both"])
+    command = new_command(CommandAction.CLEAR_LATCHES, key_id=args.key_id, site_id=args.site,
+                          racks=() if args.all else args.rack)
+
+    async def main(_stop: asyncio.Event) -> int:
+        try:
+            answer = await send_command(mqtt, args.site, command, key, timeout_s=args.timeout)
+        except CommandClientError as exc:
+            print(f"bmslink cmd: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(as_json(answer) if args.json else describe(answer))
+        return EXIT_OK if answer.reply.accepted else EXIT_FAILURE
+
+    return run_until_signalled(main)
 
 
 # -- demo -------------------------------------------------------------------------------------
@@ -184,12 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
     controller.set_defaults(handler=_cmd_controller)
 
     monitor = sub.add_parser("monitor", help="live view of the telemetry on a broker")
-    monitor.add_argument("--host", default="127.0.0.1")
-    monitor.add_argument("--port", type=int, default=1883)
-    monitor.add_argument("--prefix", default="bmslink")
-    monitor.add_argument("--site", required=True)
+    _add_broker_arguments(monitor)
     monitor.add_argument("--once", action="store_true", help="print one snapshot after 3 s and exit")
     monitor.set_defaults(handler=_cmd_monitor)
+
+    cmd = sub.add_parser("cmd", help="send a signed operator command to the active controller")
+    cmd_sub = cmd.add_subparsers(dest="cmd_command", required=True)
+    clear = cmd_sub.add_parser("clear", help="clear latched alarms whose condition has cleared")
+    _add_broker_arguments(clear)
+    clear.add_argument("--key-file", type=Path, required=True, help="the operator's key file (TOML [keys])")
+    clear.add_argument("--key-id", required=True, help="which key of the file signs the command")
+    clear.add_argument("--rack", action="append", default=[], help="a rack to clear (repeatable)")
+    clear.add_argument("--all", action="store_true", help="clear every rack on the roster")
+    clear.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+    clear.add_argument("--json", action="store_true", help="print the reply as JSON")
+    clear.set_defaults(handler=_cmd_command)
+    keygen = cmd_sub.add_parser("keygen", help="print a new operator key as a key-file line")
+    keygen.add_argument("--key-id", required=True)
+    keygen.set_defaults(handler=_cmd_keygen)
 
     demo = sub.add_parser("demo", help="start broker, simulated racks and agents on this machine")
     demo.add_argument("--racks", type=int, default=4)

@@ -1,8 +1,9 @@
 """MQTT ingest: each received message to where it belongs, as it is read.
 
 Rack telemetry goes into the rack table (which decodes, validates, orders and counts it); a leader
-record to the failover link. What the table calls urgent (a payload that may lower a limit or raise
-an alarm) gets its cycle at once; a routine payload waits in the table for the next full cycle.
+record to the failover link; an operator command to the command desk. What the table calls urgent
+(a payload that may lower a limit or raise an alarm) gets its cycle at once; a routine payload waits
+in the table for the next full cycle.
 
 The handler does more than hand off, on purpose: it is called by the MQTT session on the event loop
 (no queue in between), and while the control loop runs, an urgent payload's cycle runs right here,
@@ -14,6 +15,7 @@ core defect is the control loop's, not the session's.
 
 from __future__ import annotations
 
+from controller.commands import CommandDesk
 from controller.control_loop import ControlLoop
 from controller.failover_link import FailoverLink
 from controller.rack_table import RackTable
@@ -26,8 +28,10 @@ class MqttIngest:
     """The MQTT session's message handler (:meth:`on_message`)."""
 
     def __init__(self, topics: Topics, table: RackTable, *, loop: ControlLoop,
-                 link: FailoverLink, stats: ControllerStats) -> None:
+                 link: FailoverLink, stats: ControllerStats, commands: CommandDesk) -> None:
         self._leader_topic = topics.leader
+        self._command_topic = topics.command_request
+        self._commands = commands
         self._table = table
         self._loop = loop
         self._link = link
@@ -39,6 +43,9 @@ class MqttIngest:
         self._stats.messages += 1
         if msg.topic == self._leader_topic:
             self._link.on_leader_record(msg.payload)
+            return False
+        if msg.topic == self._command_topic:
+            self._commands.on_request(msg.payload)
             return False
         ingest = self._table.ingest(msg.topic, msg.payload, msg.received_monotonic_s)
         if ingest.urgent:

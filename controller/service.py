@@ -12,11 +12,12 @@ Where each job lives:
   cycle incrementally, exactly as the reference :func:`~controller.core.step.step` would;
 * :mod:`controller.metrics` — the Prometheus endpoint, reading
   :class:`~controller.metrics.ControllerReadings`, which this service provides;
-* :mod:`controller.modbus_server` — the optional read-only Modbus view of the consolidated state.
+* :mod:`controller.modbus_server` — the optional read-only Modbus view of the consolidated state;
+* :mod:`controller.commands` — operator commands: authenticated, executed on the active, answered.
 
 What stays here: the one place the core is called (:meth:`ControllerService._compute`, the control
 loop's ``compute``: the rack table's new inputs handed to the engine, then its cycle), because that is
-where the table and the engine meet; the two operator commands (clear of latched alarms, reload);
+where the table and the engine meet; what the operator commands do (clear of latched alarms, reload);
 start and stop.
 
 Wiring order: the CAN port and the MQTT session take their handlers when they are made, and the
@@ -31,13 +32,16 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 
 import can
 
 from controller.can_port import CanPort
+from controller.commands import ClearReport, CommandDesk, command_keys, command_store
 from controller.control_loop import STATE_PUBLISH_MIN_GAP_S, ControlLoop, HeartbeatSchedule, must_send_now
 from controller.core.engine import Engine
+from controller.core.faults import Latch
 from controller.failover import ForeignTransmitterWatch, Role, RoleMachine
 from controller.failover_link import FailoverLink
 from controller.frames import FrameEncoder
@@ -46,7 +50,8 @@ from controller.metrics import ControllerMetrics
 from controller.modbus_server import ConsolidatedModbusServer
 from controller.rack_table import RackTable
 from controller.stats import ControllerStats
-from shared.cluster import ConsolidatedState
+from shared.cluster import ConsolidatedState, RackState
+from shared.commands import LatchNote
 from shared.controller_config import ControllerConfig
 from shared.mqtt import MqttSession, MqttStats, Will
 from shared.topics import STATUS_OFFLINE, Topics
@@ -76,7 +81,7 @@ class ControllerService:
                                wall_clock=wall_clock)
         self.stats = ControllerStats()
         self.engine = Engine(config)
-        self._clear_command_s: float | None = None
+        self._clear_commands_s: Mapping[str, float] = MappingProxyType({})
         failover = config.failover
         self.can = CanPort(
             config.can, on_frame=self._on_can_frame, on_reopened=self._on_can_reopened,
@@ -92,8 +97,14 @@ class ControllerService:
                                 publish=self._publish, cluster_state_topic=self.topics.cluster_state,
                                 on_state=self.modbus.update if self.modbus is not None else None,
                                 monotonic=monotonic, wall_clock=wall_clock)
+        self.commands = CommandDesk(
+            site_id=config.site_id, node_id=config.node_id, keys=command_keys(config),
+            store=command_store(config), window_s=config.commands.window_s,
+            roster=lambda: self.table.roster, is_active=lambda: self.link.role is Role.ACTIVE,
+            clear_latches=self.clear_latched_alarms, publish_reply=self._publish_reply, wall_clock=wall_clock,
+        )
         self.ingest = MqttIngest(self.topics, self.table, loop=self.loop,
-                                 link=self.link, stats=self.stats)
+                                 link=self.link, stats=self.stats, commands=self.commands)
         client_id = (
             config.mqtt.client_id
             or f"bmslink-controller-{config.site_id}-{config.node_id}-{uuid.uuid4().hex[:8]}"
@@ -103,16 +114,38 @@ class ControllerService:
                                 on_connected=self.link.on_mqtt_connected, on_message=self.ingest.on_message)
         self.mqtt.subscribe(self.topics.all_rack_telemetry, qos=0)
         self.mqtt.subscribe(self.topics.leader, qos=1)
+        self.mqtt.subscribe(self.topics.command_request, qos=1)
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics = ControllerMetrics(self)
 
     # -- commands ----------------------------------------------------------------------------
 
-    def clear_latched_alarms(self) -> None:
-        """Accept a clear command: latched protection alarms whose condition has cleared are released."""
-        self._clear_command_s = self._monotonic()
-        log.warning("clear of latched alarms accepted")
-        self.loop.wake()
+    def clear_latched_alarms(self, racks: Sequence[str] = ()) -> ClearReport | None:
+        """An accepted clear of ``racks`` (none: every rack): their latched alarms whose condition has
+        cleared are released, in a cycle run now. Returns what was released and what still holds and
+        why; None (nothing done) while the control loop is not running yet."""
+        if not self.loop.controlling:
+            return None
+        targets = tuple(racks) or self.table.roster
+        before = {rack_id: self._latches(rack_id) for rack_id in targets}
+        now = self._monotonic()
+        self._clear_commands_s = MappingProxyType({**self._clear_commands_s, **dict.fromkeys(targets, now)})
+        self.loop.run_due_cycle()
+        views = {view.rack_id: view for view in (self.loop.state.racks if self.loop.state else ())}
+        released, held = [], []
+        for rack_id in targets:
+            after = self._latches(rack_id)
+            released += [LatchNote(rack_id=rack_id, flag=flag)
+                         for flag in before[rack_id] if flag not in after]
+            view = views.get(rack_id)
+            state = view.state if view is not None else None
+            held += [LatchNote(rack_id=rack_id, flag=flag, why=_why_held(latch, state))
+                     for flag, latch in after.items()]
+        return ClearReport(tuple(released), tuple(held))
+
+    def _latches(self, rack_id: str) -> Mapping[str, Latch]:
+        memory = self.engine.memory.racks.get(rack_id)
+        return memory.latches if memory is not None else {}
 
     def reload(self, config: ControllerConfig) -> None:
         """Adopt a new roster and aggregation settings (SIGHUP); transport settings need a restart."""
@@ -140,7 +173,7 @@ class ControllerService:
         """
         for rack_input in self.table.take(full=full):
             self.engine.put(rack_input)
-        return self.engine.cycle(now, self._wall(), clear_command_s=self._clear_command_s,
+        return self.engine.cycle(now, self._wall(), clear_commands_s=self._clear_commands_s,
                                  unknown_racks=self.table.unknown_ids())
 
     # -- wiring: rare calls made before their receiver exists (see the module docstring) -----
@@ -154,6 +187,9 @@ class ControllerService:
     def _publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False,
                  expiry_s: int | None = None) -> bool:
         return self.mqtt.publish(topic, payload, qos=qos, retain=retain, expiry_s=expiry_s)
+
+    def _publish_reply(self, command_id: str, payload: bytes) -> None:
+        self.mqtt.publish(self.topics.command_reply(command_id), payload, qos=1)
 
     def _took_over(self, now_s: float) -> None:
         self.loop.took_over(now_s)
@@ -240,6 +276,11 @@ class ControllerService:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if not self.commands.keys:
+            log.warning("no operator command keys (commands.keys_file or the systemd credential %s): every "
+                        "command, a clear of latched alarms included, is refused", "bmslink-command-keys")
+        if self.commands.store.note:
+            log.warning("commands: %s", self.commands.store.note)
         self.metrics.serve(self.config.metrics)
         await self.can.start()
         self.link.started(self._monotonic())
@@ -262,6 +303,7 @@ class ControllerService:
         if self.modbus is not None:
             await self.modbus.stop()
         self.metrics.close()
+        self.commands.store.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
@@ -269,3 +311,12 @@ class ControllerService:
             await stop.wait()
         finally:
             await self.stop()
+
+
+def _why_held(latch: Latch, state: RackState | None) -> str:
+    """Why a clear left ``latch`` in place, for the operator."""
+    if not latch.active:
+        return "cleared, but the cycle that should release it failed; give the command again"
+    if state in (RackState.STALE, RackState.COMM_LOST, RackState.INVALID):
+        return f"the rack is {state}: its condition cannot be seen to clear"
+    return "the condition is still present"

@@ -38,6 +38,14 @@ def _readable_file(value: Path) -> Path:
     return value
 
 
+def _writable_dir(value: Path) -> Path:
+    if not value.is_dir():
+        raise ValueError(f"{value} does not exist or is not a directory")
+    if not os.access(value, os.R_OK | os.W_OK | os.X_OK):
+        raise ValueError(f"{value} is not writable by this user")
+    return value
+
+
 def _can_interface(value: str) -> str:
     # python-can's registry of interface names (its own and those installed as plugins, such as
     # python-can-remote's "remote"): an unknown name would otherwise only fail when the bus opens.
@@ -51,6 +59,8 @@ def _can_interface(value: str) -> str:
 ListenAddress = Annotated[str, AfterValidator(_ip_address)]
 # A file the process must read at start (TLS material): checked when the config is loaded.
 ReadableFile = Annotated[Path, AfterValidator(_readable_file)]
+# A directory the process keeps state in: checked when the config is loaded.
+WritableDir = Annotated[Path, AfterValidator(_writable_dir)]
 CanInterfaceName = Annotated[str, AfterValidator(_can_interface)]
 
 

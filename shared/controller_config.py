@@ -7,7 +7,16 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from shared.config import CanInterfaceName, Frozen, ListenAddress, MetricsConfig, MqttConfig, Port
+from shared.config import (
+    CanInterfaceName,
+    Frozen,
+    ListenAddress,
+    MetricsConfig,
+    MqttConfig,
+    Port,
+    ReadableFile,
+    WritableDir,
+)
 from shared.models import Identifier
 
 NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
@@ -154,6 +163,17 @@ class ModbusServerConfig(Frozen):
     max_connections: Annotated[int, Field(ge=1, le=256)] = 8
 
 
+class CommandsConfig(Frozen):
+    """Operator commands (shared/commands.py): who may give them, and for how long one stays valid."""
+
+    # TOML with a [keys] table of key_id = "<64 hex digits>", readable by the service user only.
+    # Unset: systemd's credential $CREDENTIALS_DIRECTORY/bmslink-command-keys, if there is one; with
+    # no keys at all every command is refused.
+    keys_file: ReadableFile | None = None
+    # A command's timestamp must be within this of the controller's clock, either way.
+    window_s: Annotated[float, Field(ge=1.0, le=600.0)] = 30.0
+
+
 class FailoverConfig(Frozen):
     """Master-role failover between controllers on the same inverter CAN bus (see docs/failover.md).
 
@@ -216,6 +236,10 @@ class ControllerConfig(Frozen):
     # Publish the consolidated state on the cluster topic (for monitoring), at most this often.
     state_publish_period_ms: Annotated[int, Field(ge=100, le=60_000)] = 1000
     failover: FailoverConfig = FailoverConfig()
+    commands: CommandsConfig = CommandsConfig()
+    # Where this controller keeps what must outlive a restart (the commands' replay memory). Unset:
+    # kept in memory only, and said so at every start.
+    state_dir: WritableDir | None = None
 
     def listeners(self) -> list[tuple[str, str]]:
         """(what, address) of every enabled listener, for the warning about exposed ones."""

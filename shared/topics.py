@@ -5,7 +5,8 @@
 ``{prefix}/{site}/controller/{node}/status`` retained controller role record
 ``{prefix}/{site}/controller/leader``       retained leader record (epoch, node), with expiry
 ``{prefix}/{site}/cluster/state``           msgpack consolidated state from the active controller
-``{prefix}/{site}/cmd/{target}``            commands (e.g. clear latched alarms)
+``{prefix}/{site}/cmd/controller``          signed operator commands to the active controller
+``{prefix}/{site}/reply/{command id}``      the active controller's reply to one command
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ class Topics:
 
     def command(self, target: str) -> str:
         return f"{self._base}/cmd/{target}"
+
+    @property
+    def command_request(self) -> str:
+        """Where operators send signed commands (shared/commands.py); the active controller executes."""
+        return self.command("controller")
+
+    def command_reply(self, command_id: str) -> str:
+        return f"{self._base}/reply/{command_id}"
 
     def controller_id_from_status_topic(self, topic: str) -> str | None:
         """The node id of a controller status topic under this site, or None if the topic is not one."""

@@ -1,0 +1,199 @@
+"""Operator commands at the controller: authenticate, execute on the active, reply.
+
+Requests arrive on ``Topics.command_request`` (format: ``shared/commands.py``). Only the active
+controller acts and answers; a standby counts the request and stays silent, so the operator's CLI,
+which resends the same signed bytes until it has an answer, gets it from whichever node is active.
+
+A request is refused, counted by reason, logged (a sample per reason and minute) and answered when it
+names an id to answer to, for any of: not a signed command (``malformed``, ``unsupported_version``),
+an unknown key (``unknown_key``), a signature that does not verify (``bad_signature``), another site
+(``wrong_site``), a timestamp outside the window (``stale``, ``future``) or before this controller's
+replay memory began (``before_horizon``), an id seen with other bytes (``replay``), a rack not on the
+roster (``unknown_rack``), or no cycle to run it in (``not_ready``). A retransmission of an answered
+command gets the same reply again (``retransmitted``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
+
+from controller.command_store import CommandStore
+from shared.codec import encode
+from shared.commands import (
+    CommandAction,
+    CommandRefusedError,
+    CommandReply,
+    KeyFileError,
+    LatchNote,
+    OperatorCommand,
+    SignedRequest,
+    credential_path,
+    decode_request,
+    load_keys,
+)
+from shared.config import ConfigError
+from shared.controller_config import ControllerConfig
+from shared.logthrottle import ThrottledLog
+
+log = logging.getLogger(__name__)
+
+
+def command_keys(config: ControllerConfig, environ: Mapping[str, str] = os.environ) -> Mapping[str, bytes]:
+    """The operators' keys: ``commands.keys_file``, else systemd's credential, else none (every command
+    is then refused). ConfigError when the file cannot be used."""
+    path = config.commands.keys_file or credential_path(environ)
+    if path is None:
+        return {}
+    try:
+        return load_keys(path)
+    except KeyFileError as exc:
+        raise ConfigError(path, [str(exc)]) from None
+
+
+def command_store(config: ControllerConfig) -> CommandStore:
+    """The replay memory: ``{state_dir}/commands-{node_id}.sqlite3``, in memory without a state_dir."""
+    if config.state_dir is None:
+        return CommandStore(None)
+    return CommandStore(config.state_dir / f"commands-{config.node_id}.sqlite3")
+
+
+class ClearReport(NamedTuple):
+    """What a clear did: the latches it released, and those it left with why."""
+
+    released: tuple[LatchNote, ...]
+    held: tuple[LatchNote, ...]
+
+
+class Refusal(Exception):  # noqa: N818 - a refusal is an outcome, not an error of ours
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+class CommandDesk:
+    """Takes the command topic's messages (:meth:`on_request`); answers through ``publish``."""
+
+    def __init__(
+        self,
+        *,
+        site_id: str,
+        node_id: str,
+        keys: Mapping[str, bytes],
+        store: CommandStore,
+        window_s: float,
+        roster: Callable[[], Sequence[str]],
+        is_active: Callable[[], bool],
+        clear_latches: Callable[[tuple[str, ...]], ClearReport | None],
+        publish_reply: Callable[[str, bytes], None],
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.site_id = site_id
+        self.node_id = node_id
+        self.keys = keys
+        self.store = store
+        self.window_s = window_s
+        self._roster = roster
+        self._is_active = is_active
+        self._clear_latches = clear_latches
+        self._publish_reply = publish_reply
+        self._wall = wall_clock
+        self.counters: Counter[str] = Counter()  # "accepted", "refused_<reason>", "retransmitted", ...
+        self._log = ThrottledLog(log)
+
+    def on_request(self, payload: bytes) -> None:
+        """One message on the command topic. Never raises."""
+        if not self._is_active():
+            self.counters["ignored_standby"] += 1
+            return
+        try:
+            request = decode_request(payload)
+        except CommandRefusedError as exc:
+            self._refused(None, exc.reason, str(exc))
+            return
+        reply_to = request.claimed_id()
+        try:
+            command, body_sha256 = self._authenticate(request)
+        except (Refusal, CommandRefusedError) as exc:
+            self._refused(reply_to, exc.reason, str(exc))
+            return
+        seen = self.store.seen(command.id)
+        if seen is not None:
+            if seen.body_sha256 == body_sha256:
+                self.counters["retransmitted"] += 1
+                self._publish_reply(command.id, seen.reply)
+            else:
+                self._refused(None, "replay", f"command id {command.id} was used before for another command")
+            return
+        reply, final = self._execute(command)
+        encoded = encode(reply)
+        if final:  # a transient refusal (not_ready) is not remembered: the sender's retry may run
+            self.store.remember(command.id, command.issued_s, body_sha256, encoded)
+            self.store.forget_issued_before(self._wall() - 2 * self.window_s)
+        self._publish_reply(command.id, encoded)
+
+    def _authenticate(self, request: SignedRequest) -> tuple[OperatorCommand, bytes]:
+        key = self.keys.get(request.key_id)
+        if key is None:
+            raise Refusal("unknown_key", f"unknown key id {request.key_id!r}" + (
+                "" if self.keys else " (no command keys are configured on this controller)"))
+        if not request.verify(key):
+            raise Refusal("bad_signature", f"signature does not verify with key {request.key_id!r}")
+        command = request.command()
+        if command.site_id != self.site_id:
+            raise Refusal("wrong_site", f"command is for site {command.site_id!r}, this is {self.site_id!r}")
+        age_s = self._wall() - command.issued_s
+        if age_s > self.window_s:
+            raise Refusal("stale", f"issued {age_s:.1f} s ago, beyond the {self.window_s:g} s window")
+        if age_s < -self.window_s:
+            raise Refusal("future", f"issued {-age_s:.1f} s ahead of this controller's clock "
+                                    f"(window {self.window_s:g} s)")
+        if command.issued_s < self.store.horizon_s:
+            raise Refusal("before_horizon", "issued before this controller's replay memory began "
+                                            "(it restarted without one): give the command again")
+        return command, hashlib.sha256(request.body).digest()
+
+    def _execute(self, command: OperatorCommand) -> tuple[CommandReply, bool]:
+        """The reply, and whether it is final (else the same command may be tried again)."""
+        roster = list(self._roster())
+        unknown = [rack for rack in command.racks if rack not in roster]
+        if unknown:
+            why = f"not on the roster: {', '.join(unknown)}"
+            return self._refusal_reply(command, "unknown_rack", why), True
+        racks = tuple(dict.fromkeys(command.racks)) or tuple(roster)
+        if command.action is CommandAction.CLEAR_LATCHES:
+            report = self._clear_latches(racks)
+            if report is None:
+                why = "the control loop is not running yet; retry"
+                return self._refusal_reply(command, "not_ready", why), False
+            self.counters["accepted"] += 1
+            log.warning("command %s from key %s: clear latched alarms of %s accepted: released %s; held %s",
+                        command.id, command.key_id, "every rack" if not command.racks else list(racks),
+                        [f"{n.rack_id}/{n.flag}" for n in report.released] or "none",
+                        [f"{n.rack_id}/{n.flag} ({n.why})" for n in report.held] or "none")
+            what = f"released {len(report.released)} latch(es), {len(report.held)} still held"
+            return CommandReply(id=command.id, node_id=self.node_id, accepted=True, reason=what,
+                                released=report.released, held=report.held, replied_s=self._wall()), True
+        return self._refusal_reply(command, "unknown_command", f"unknown command {command.action!r}"), True
+
+    def _refusal_reply(self, command: OperatorCommand, reason: str, detail: str) -> CommandReply:
+        self._count_refusal(reason, f"command {command.id} from key {command.key_id}: {detail}")
+        return CommandReply(id=command.id, node_id=self.node_id, accepted=False, reason=f"{reason}: {detail}",
+                            replied_s=self._wall())
+
+    def _refused(self, reply_to: str | None, reason: str, detail: str) -> None:
+        self._count_refusal(reason, detail)
+        if reply_to is not None:
+            reply = CommandReply(id=reply_to, node_id=self.node_id, accepted=False,
+                                 reason=f"{reason}: {detail}", replied_s=self._wall())
+            self._publish_reply(reply_to, encode(reply))
+
+    def _count_refusal(self, reason: str, detail: str) -> None:
+        self.counters[f"refused_{reason}"] += 1
+        self._log.warning(("refused", reason), "command refused (%s): %s", reason, detail)
+

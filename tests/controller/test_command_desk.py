@@ -1,0 +1,177 @@
+"""The controller's command desk (controller/commands.py) and its replay memory (command_store.py):
+every way a command can be wrong is refused with its reason, counted and answered; a good one runs
+once; its retransmission gets the same answer; a replay never runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.command_store import CommandStore
+from controller.commands import ClearReport, CommandDesk
+from shared.codec import Decoder
+from shared.commands import (
+    CommandAction,
+    CommandReply,
+    LatchNote,
+    OperatorCommand,
+    encode_request,
+    new_command,
+)
+
+KEY = bytes(range(32))
+NOW = 1_800_000_000.0
+
+
+class Site:
+    """A desk with a clock, a roster of two racks, and what its callbacks were asked."""
+
+    def __init__(self, store: CommandStore, *, active: bool = True, ready: bool = True) -> None:
+        self.now = NOW
+        self.active = active
+        self.ready = ready
+        self.cleared: list[tuple[str, ...]] = []
+        self.replies: list[tuple[str, CommandReply]] = []
+        self.desk = CommandDesk(
+            site_id="site-a", node_id="ctl-a", keys={"alice": KEY}, store=store, window_s=30.0,
+            roster=lambda: ("rack-01", "rack-02"), is_active=lambda: self.active,
+            clear_latches=self._clear, publish_reply=self._reply, wall_clock=lambda: self.now,
+        )
+
+    def _clear(self, racks: tuple[str, ...]) -> ClearReport | None:
+        if not self.ready:
+            return None
+        self.cleared.append(racks)
+        return ClearReport((LatchNote(rack_id=racks[0], flag="cell_over_voltage"),), ())
+
+    def _reply(self, command_id: str, payload: bytes) -> None:
+        self.replies.append((command_id, Decoder(CommandReply).decode(payload)))
+
+    def send(self, payload: bytes) -> CommandReply | None:
+        before = len(self.replies)
+        self.desk.on_request(payload)
+        assert len(self.replies) <= before + 1
+        return self.replies[-1][1] if len(self.replies) > before else None
+
+
+def command(**overrides: object) -> OperatorCommand:
+    base = new_command(CommandAction.CLEAR_LATCHES, key_id="alice", site_id="site-a", racks=("rack-01",),
+                       issued_s=NOW)
+    return base.model_copy(update=overrides)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    return Site(CommandStore(tmp_path / "commands.sqlite3", wall_clock=NOW - 100))
+
+
+def test_a_signed_clear_runs_once_and_is_answered(site: Site) -> None:
+    cmd = command()
+    reply = site.send(encode_request(cmd, KEY))
+    assert reply is not None and reply.accepted and reply.id == cmd.id and reply.node_id == "ctl-a"
+    assert reply.released == (LatchNote(rack_id="rack-01", flag="cell_over_voltage"),)
+    assert site.cleared == [("rack-01",)]
+    assert site.desk.counters["accepted"] == 1
+
+
+def test_a_clear_of_every_rack_names_the_whole_roster(site: Site) -> None:
+    reply = site.send(encode_request(command(racks=()), KEY))
+    assert reply is not None and reply.accepted
+    assert site.cleared == [("rack-01", "rack-02")]
+
+
+def test_a_retransmission_gets_the_same_answer_and_does_not_run_again(site: Site) -> None:
+    payload = encode_request(command(), KEY)
+    first = site.send(payload)
+    site.now += 5
+    again = site.send(payload)
+    assert again == first
+    assert site.cleared == [("rack-01",)]
+    assert site.desk.counters["retransmitted"] == 1
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    (lambda: encode_request(command(key_id="mallory"), KEY), "unknown_key"),
+    (lambda: encode_request(command(), bytes(32)), "bad_signature"),
+    (lambda: encode_request(command(site_id="site-b"), KEY), "wrong_site"),
+    (lambda: encode_request(command(issued_s=NOW - 31), KEY), "stale"),
+    (lambda: encode_request(command(issued_s=NOW + 31), KEY), "future"),
+    (lambda: encode_request(command(racks=("rack-01", "rack-99")), KEY), "unknown_rack"),
+])
+def test_a_wrong_command_is_refused_answered_and_counted(site: Site, make: object, reason: str) -> None:
+    assert callable(make)
+    reply = site.send(make())
+    assert reply is not None and not reply.accepted
+    assert reply.reason.startswith(f"{reason}: ")
+    assert site.cleared == []
+    assert site.desk.counters[f"refused_{reason}"] == 1
+
+
+def test_garbage_is_refused_and_counted_without_an_answer(site: Site) -> None:
+    for payload in (b"", b"\x00" * 10, b"\x81\xa1v\x01"):
+        assert site.send(payload) is None
+    assert site.desk.counters["refused_malformed"] == 3
+    assert site.cleared == []
+
+
+def test_a_replay_of_an_id_with_other_bytes_never_runs(site: Site) -> None:
+    cmd = command()
+    site.send(encode_request(cmd, KEY))
+    forged = encode_request(cmd.model_copy(update={"racks": ("rack-02",)}), KEY)
+    assert site.send(forged) is None  # no answer under the id the genuine command owns
+    assert site.desk.counters["refused_replay"] == 1
+    assert site.cleared == [("rack-01",)]
+
+
+def test_the_replay_memory_outlives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "commands.sqlite3"
+    first = Site(CommandStore(path, wall_clock=NOW - 100))
+    cmd = command()
+    answer = first.send(encode_request(cmd, KEY))
+    first.desk.store.close()
+    second = Site(CommandStore(path, wall_clock=NOW + 1))
+    assert second.desk.store.horizon_s == NOW - 100  # the memory it had, not a new one
+    assert second.send(encode_request(cmd, KEY)) == answer  # answered from the memory, not run again
+    assert second.send(encode_request(cmd.model_copy(update={"racks": ()}), KEY)) is None
+    assert second.cleared == []
+    assert second.desk.counters["refused_replay"] == 1
+
+
+def test_without_a_memory_commands_from_before_the_start_are_refused() -> None:
+    site = Site(CommandStore(None, wall_clock=NOW))
+    assert site.desk.store.note
+    reply = site.send(encode_request(command(issued_s=NOW - 1), KEY))
+    assert reply is not None and not reply.accepted and reply.reason.startswith("before_horizon")
+    reply = site.send(encode_request(command(issued_s=NOW + 1), KEY))
+    assert reply is not None and reply.accepted
+
+
+def test_a_corrupt_memory_is_put_aside_and_guarded_by_a_horizon(tmp_path: Path) -> None:
+    path = tmp_path / "commands.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    site = Site(CommandStore(path, wall_clock=NOW))
+    assert "unreadable" in site.desk.store.note
+    assert [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    reply = site.send(encode_request(command(issued_s=NOW - 1), KEY))
+    assert reply is not None and reply.reason.startswith("before_horizon")
+
+
+def test_a_standby_neither_runs_nor_answers(site: Site) -> None:
+    site.active = False
+    assert site.send(encode_request(command(), KEY)) is None
+    assert site.desk.counters["ignored_standby"] == 1
+    site.active = True  # after a takeover, the sender's retry is answered
+    reply = site.send(encode_request(command(), KEY))
+    assert reply is not None and reply.accepted
+
+
+def test_a_command_before_the_loop_runs_is_refused_as_not_ready(tmp_path: Path) -> None:
+    site = Site(CommandStore(tmp_path / "c.sqlite3", wall_clock=NOW - 100), ready=False)
+    payload = encode_request(command(), KEY)
+    reply = site.send(payload)
+    assert reply is not None and not reply.accepted and reply.reason.startswith("not_ready")
+    site.ready = True  # the sender's retry of the same bytes runs once the loop does
+    reply = site.send(payload)
+    assert reply is not None and reply.accepted
+    assert site.cleared == [("rack-01",)]

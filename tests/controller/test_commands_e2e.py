@@ -1,0 +1,149 @@
+"""Operator commands through the process boundary: ``bmslink cmd`` (a separate process) against a
+running controller on a real broker, judged by the reply, the exit status and what the inverter bus
+carries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.codec import encode
+from shared.commands import new_key
+from shared.config import validate_config
+from shared.controller_config import ControllerConfig
+from shared.models import ProtectionFlags
+from tests.agent.helpers import wait_until
+from tests.contract.samples import measurements, telemetry
+from tests.controller.test_service import Rig, _feed, running_service
+from tests.fixtures.broker import MosquittoBroker, free_port
+
+KEY_ID = "alice"
+
+
+def write_keys(path: Path, key: str, mode: int = 0o600) -> Path:
+    path.write_text(f'[keys]\n{KEY_ID} = "{key}"\n')
+    path.chmod(mode)
+    return path
+
+
+@pytest.fixture
+async def commanded(mqtt_broker: MosquittoBroker, unique_topic_prefix: str,
+                    tmp_path: Path) -> AsyncIterator[tuple[Rig, Path]]:
+    keys = write_keys(tmp_path / "controller-keys.toml", new_key())
+    state = tmp_path / "state"
+    state.mkdir()
+
+    def make_config(broker: MosquittoBroker, prefix: str, channel: str) -> ControllerConfig:
+        return validate_config({
+            "site_id": "site-a", "node_id": "n1",
+            "mqtt": {"host": "127.0.0.1", "port": broker.port, "topic_prefix": prefix},
+            "roster": [{"rack_id": rack_id, "capacity_ah": 280} for rack_id in ("rack-01", "rack-02")],
+            "aggregation": {"readmit_hold_s": 0, "readmit_ramp_s": 0, "ramp_up_a_per_s": 10_000},
+            "can": {"interface": "virtual", "channel": channel, "period_ms": 200},
+            "commands": {"keys_file": str(keys)},
+            "state_dir": str(state),
+        }, ControllerConfig, "<test>")
+
+    async with running_service(mqtt_broker, unique_topic_prefix, make_config) as rig:
+        yield rig, keys
+
+
+async def bmslink_cmd(broker_port: int, prefix: str, *args: str,
+                      timeout: float = 5.0) -> tuple[int, str, str]:
+    """``bmslink cmd clear ...`` as an operator runs it: (exit status, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bmslink", "cmd", "clear", "--host", "127.0.0.1", "--port", str(broker_port),
+        "--prefix", prefix, "--timeout", str(timeout), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout + 20)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def _raise_alarm(rig: Rig, seq: int) -> None:
+    _svc, bus, pub, topics = rig
+    hot = telemetry(rack_id="rack-01", seq=seq, timestamp_s=1_790_000_000.0 + seq,
+                    measurements=measurements(alarms=ProtectionFlags(charge_over_temperature=True)))
+    pub.publish(topics.rack_telemetry("rack-01"), encode(hot))
+    await wait_until(lambda: bus.ccl() == 0.0, 2.0, "CCL 0 on the alarm")
+
+
+async def test_a_signed_clear_from_the_cli_releases_only_a_cleared_latch(commanded: Any) -> None:
+    rig, keys = commanded
+    svc, bus, pub, topics = rig
+    seq = await _feed(pub, topics, 100.0, 1.0)
+    await _raise_alarm(rig, seq)
+    operator = ["--site", "site-a", "--key-file", str(keys), "--key-id", KEY_ID, "--json"]
+
+    # While the condition is present, the clear is accepted and the latch stays, with why.
+    code, out, err = await bmslink_cmd(svc.config.mqtt.port, topics.prefix, *operator, "--rack", "rack-01")
+    assert code == 0, err
+    reply = json.loads(out)
+    assert reply["accepted"] and reply["released"] == []
+    assert reply["held"] == [{"rack_id": "rack-01", "flag": "charge_over_temperature",
+                              "why": "the condition is still present"}], reply
+    await asyncio.sleep(0.5)
+    assert bus.ccl() == 0.0
+
+    # The condition clears in the telemetry: still latched, until the next accepted clear.
+    seq = await _feed(pub, topics, 100.0, 1.0, start_seq=seq + 1)
+    assert bus.ccl() == 0.0
+    code, out, err = await bmslink_cmd(svc.config.mqtt.port, topics.prefix, *operator, "--all")
+    assert code == 0, err
+    reply = json.loads(out)
+    assert reply["released"] == [{"rack_id": "rack-01", "flag": "charge_over_temperature", "why": ""}]
+    assert reply["held"] == []
+    assert reply["round_trip_s"] < 5
+    await _feed(pub, topics, 100.0, 0.6, start_seq=seq + 1)
+    await wait_until(lambda: bus.ccl() == pytest.approx(200.0), 2.0, "current back after the clear")
+    assert svc.commands.counters["accepted"] == 2
+
+
+async def test_refused_commands_exit_non_zero_and_release_nothing(commanded: Any, tmp_path: Path) -> None:
+    rig, keys = commanded
+    svc, bus, pub, topics = rig
+    seq = await _feed(pub, topics, 100.0, 1.0)
+    await _raise_alarm(rig, seq)
+    await _feed(pub, topics, 100.0, 1.0, start_seq=seq + 1)  # the condition clears; the latch holds
+    port = svc.config.mqtt.port
+    forged = write_keys(tmp_path / "forged.toml", new_key())
+    code, out, _ = await bmslink_cmd(port, topics.prefix, "--site", "site-a", "--key-file", str(forged),
+                                     "--key-id", KEY_ID, "--all")
+    assert code == 1 and "REFUSED" in out and "bad_signature" in out
+    code, out, _ = await bmslink_cmd(port, topics.prefix, "--site", "site-a", "--key-file", str(keys),
+                                     "--key-id", KEY_ID, "--rack", "rack-09")
+    assert code == 1 and "unknown_rack" in out
+    assert bus.ccl() == 0.0
+    assert svc.commands.counters["refused_bad_signature"] == 1
+    assert svc.commands.counters["refused_unknown_rack"] == 1
+    assert svc.state is not None and svc.state.cluster.latched_alarm
+
+
+async def test_the_cli_says_why_when_nobody_answers_or_its_input_is_wrong(commanded: Any,
+                                                                         tmp_path: Path) -> None:
+    rig, keys = commanded
+    svc, _bus, _pub, topics = rig
+    port = svc.config.mqtt.port
+    operator = ["--key-file", str(keys), "--key-id", KEY_ID, "--all"]
+    code, _, err = await bmslink_cmd(port, topics.prefix, "--site", "site-b", *operator, timeout=1.5)
+    assert code == 1 and "no reply within 1.5 s" in err
+    code, _, err = await bmslink_cmd(free_port(), topics.prefix, "--site", "site-a", *operator, timeout=1.0)
+    assert code == 1 and "cannot connect to the broker" in err
+    exposed = write_keys(tmp_path / "exposed.toml", new_key(), mode=0o644)
+    code, _, err = await bmslink_cmd(port, topics.prefix, "--site", "site-a", "--key-file", str(exposed),
+                                     "--key-id", KEY_ID, "--all")
+    assert code == 2 and "chmod 600" in err
+    code, _, err = await bmslink_cmd(port, topics.prefix, "--site", "site-a", "--key-file", str(keys),
+                                     "--key-id", "bob", "--all")
+    assert code == 2 and "no key 'bob'" in err
+    code, _, err = await bmslink_cmd(port, topics.prefix, "--site", "site-a", "--key-file", str(keys),
+                                     "--key-id", KEY_ID)
+    assert code == 2 and "--all" in err
+    assert "Traceback" not in err
