@@ -56,13 +56,6 @@ def command_keys(config: ControllerConfig, environ: Mapping[str, str] = os.envir
         raise ConfigError(path, [str(exc)]) from None
 
 
-def command_store(config: ControllerConfig) -> CommandStore:
-    """The replay memory: ``{state_dir}/commands-{node_id}.sqlite3``, in memory without a state_dir."""
-    if config.state_dir is None:
-        return CommandStore(None)
-    return CommandStore(config.state_dir / f"commands-{config.node_id}.sqlite3")
-
-
 class ClearReport(NamedTuple):
     """What a clear did: the latches it released, and those it left with why."""
 

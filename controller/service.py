@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +39,8 @@ from types import MappingProxyType
 import can
 
 from controller.can_port import CanPort
-from controller.commands import ClearReport, CommandDesk, command_keys, command_store
+from controller.command_store import CommandStore
+from controller.commands import ClearReport, CommandDesk, command_keys
 from controller.control_loop import STATE_PUBLISH_MIN_GAP_S, ControlLoop, HeartbeatSchedule, must_send_now
 from controller.core.engine import Engine
 from controller.core.faults import Latch
@@ -46,9 +48,11 @@ from controller.failover import ForeignTransmitterWatch, Role, RoleMachine
 from controller.failover_link import FailoverLink
 from controller.frames import FrameEncoder
 from controller.ingest import MqttIngest
+from controller.latch_store import LatchStore, restored_memory
 from controller.metrics import ControllerMetrics
 from controller.modbus_server import ConsolidatedModbusServer
 from controller.rack_table import RackTable
+from controller.state_db import StateDb, state_db_path
 from controller.stats import ControllerStats
 from shared.cluster import ConsolidatedState, RackState
 from shared.commands import LatchNote
@@ -80,7 +84,13 @@ class ControllerService:
                                config.max_payload_bytes, max_clock_ahead_s=config.max_clock_ahead_s,
                                wall_clock=wall_clock)
         self.stats = ControllerStats()
-        self.engine = Engine(config)
+        # What outlives a restart: the replay memory of commands and the latched alarms.
+        self.state_db = StateDb(state_db_path(config.state_dir, config.node_id), wall_clock=wall_clock())
+        self.latch_store = LatchStore(self.state_db)
+        self._latched: dict[str, frozenset[str]] = self.latch_store.load()
+        self._latches_seen: object = None  # the engine's latches_by_rack last looked at
+        self._latch_save_pending = False
+        self.engine = Engine(config, restored_memory(self._latched, self.table.roster, monotonic()))
         self._clear_commands_s: Mapping[str, float] = MappingProxyType({})
         failover = config.failover
         self.can = CanPort(
@@ -99,7 +109,7 @@ class ControllerService:
                                 monotonic=monotonic, wall_clock=wall_clock)
         self.commands = CommandDesk(
             site_id=config.site_id, node_id=config.node_id, keys=command_keys(config),
-            store=command_store(config), window_s=config.commands.window_s,
+            store=CommandStore(self.state_db), window_s=config.commands.window_s,
             roster=lambda: self.table.roster, is_active=lambda: self.link.role is Role.ACTIVE,
             clear_latches=self.clear_latched_alarms, publish_reply=self._publish_reply, wall_clock=wall_clock,
         )
@@ -173,8 +183,39 @@ class ControllerService:
         """
         for rack_input in self.table.take(full=full):
             self.engine.put(rack_input)
-        return self.engine.cycle(now, self._wall(), clear_commands_s=self._clear_commands_s,
-                                 unknown_racks=self.table.unknown_ids())
+        state = self.engine.cycle(now, self._wall(), clear_commands_s=self._clear_commands_s,
+                                  unknown_racks=self.table.unknown_ids())
+        if self.engine.latches_by_rack is not self._latches_seen:
+            self._note_latches()
+        return state
+
+    def _note_latches(self) -> None:
+        """The latched set changed, maybe: say what latched and what was released (WARNING: an installer
+        must see it), and write the new set to the state database once the frames are out."""
+        self._latches_seen = latches_by_rack = self.engine.latches_by_rack
+        latched = {rack_id: frozenset(latches) for rack_id, latches in latches_by_rack}
+        if latched == self._latched:
+            return
+        for rack_id in sorted(latched.keys() | self._latched.keys()):
+            now, before = latched.get(rack_id, frozenset()), self._latched.get(rack_id, frozenset())
+            for flag in sorted(now - before):
+                log.warning("rack %s: %s latched (held until its condition clears and an operator's clear "
+                            "is accepted)", rack_id, flag)
+            for flag in sorted(before - now):
+                log.warning("rack %s: latched %s released by an operator's clear", rack_id, flag)
+        self._latched = latched
+        if not self._latch_save_pending:
+            self._latch_save_pending = True
+            asyncio.get_running_loop().call_soon(self._save_latches)
+
+    def _save_latches(self) -> None:
+        self._latch_save_pending = False
+        try:
+            self.latch_store.save(self._latched, self._wall())
+        except sqlite3.Error:
+            # The latch holds in memory; only a restart before the next good write would forget it.
+            self.stats.state_write_errors += 1
+            log.exception("could not write the latched alarms to %s", self.state_db.path)
 
     # -- wiring: rare calls made before their receiver exists (see the module docstring) -----
 
@@ -279,8 +320,17 @@ class ControllerService:
         if not self.commands.keys:
             log.warning("no operator command keys (commands.keys_file or the systemd credential %s): every "
                         "command, a clear of latched alarms included, is refused", "bmslink-command-keys")
-        if self.commands.store.note:
-            log.warning("commands: %s", self.commands.store.note)
+        if self.state_db.note:
+            log_state = log.error if self.state_db.lost else log.warning
+            log_state("%s", self.state_db.note)
+        if self.state_db.lost:
+            log.error("the latched alarms held before are not known: only those the racks show again "
+                      "will latch; check the racks before clearing anything")
+        if self._latched:
+            pairs = [f"{rack_id}/{flag}" for rack_id, flags in sorted(self._latched.items())
+                     for flag in sorted(flags)]
+            log.warning("latched alarms restored from %s: %s (an operator's clear releases them)",
+                        self.state_db.path or "memory", ", ".join(pairs))
         self.metrics.serve(self.config.metrics)
         await self.can.start()
         self.link.started(self._monotonic())
@@ -303,7 +353,9 @@ class ControllerService:
         if self.modbus is not None:
             await self.modbus.stop()
         self.metrics.close()
-        self.commands.store.close()
+        if self._latch_save_pending:  # the stop came before the write: write it now
+            self._save_latches()
+        self.state_db.close()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()

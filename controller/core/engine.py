@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from controller.core.bank import BankInputs, consolidate
+from controller.core.faults import Latch
 from controller.core.memory import CoreMemory, RackMemory
 from controller.core.policies import Member
 from controller.core.rack_outcome import RackOutcome, rack_outcome
@@ -136,6 +137,11 @@ class Engine:
     @property
     def config(self) -> ControllerConfig:
         return self._config
+
+    @property
+    def latches_by_rack(self) -> tuple[tuple[str, Mapping[str, Latch]], ...]:
+        """The last cycle's racks holding latches (roster order); the same object while none changed."""
+        return self._bank.inputs.latches_by_rack if self._bank is not None else ()
 
     @property
     def memory(self) -> CoreMemory:

@@ -1,6 +1,6 @@
-"""The controller's command desk (controller/commands.py) and its replay memory (command_store.py):
-every way a command can be wrong is refused with its reason, counted and answered; a good one runs
-once; its retransmission gets the same answer; a replay never runs."""
+"""The controller's command desk (controller/commands.py) and its replay memory (command_store.py, in
+the state database): every way a command can be wrong is refused with its reason, counted and
+answered; a good one runs once; its retransmission gets the same answer; a replay never runs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from controller.command_store import CommandStore
 from controller.commands import ClearReport, CommandDesk
+from controller.state_db import StateDb
 from shared.codec import Decoder
 from shared.commands import (
     CommandAction,
@@ -61,9 +62,13 @@ def command(**overrides: object) -> OperatorCommand:
     return base.model_copy(update=overrides)
 
 
+def store(path: Path | None, wall_s: float) -> CommandStore:
+    return CommandStore(StateDb(path, wall_clock=wall_s))
+
+
 @pytest.fixture
 def site(tmp_path: Path) -> Site:
-    return Site(CommandStore(tmp_path / "commands.sqlite3", wall_clock=NOW - 100))
+    return Site(store(tmp_path / "commands.sqlite3", NOW - 100))
 
 
 def test_a_signed_clear_runs_once_and_is_answered(site: Site) -> None:
@@ -126,11 +131,11 @@ def test_a_replay_of_an_id_with_other_bytes_never_runs(site: Site) -> None:
 
 def test_the_replay_memory_outlives_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "commands.sqlite3"
-    first = Site(CommandStore(path, wall_clock=NOW - 100))
+    first = Site(store(path, NOW - 100))
     cmd = command()
     answer = first.send(encode_request(cmd, KEY))
-    first.desk.store.close()
-    second = Site(CommandStore(path, wall_clock=NOW + 1))
+    first.desk.store.state.close()
+    second = Site(store(path, NOW + 1))
     assert second.desk.store.horizon_s == NOW - 100  # the memory it had, not a new one
     assert second.send(encode_request(cmd, KEY)) == answer  # answered from the memory, not run again
     assert second.send(encode_request(cmd.model_copy(update={"racks": ()}), KEY)) is None
@@ -139,7 +144,7 @@ def test_the_replay_memory_outlives_a_restart(tmp_path: Path) -> None:
 
 
 def test_without_a_memory_commands_from_before_the_start_are_refused() -> None:
-    site = Site(CommandStore(None, wall_clock=NOW))
+    site = Site(store(None, NOW))
     assert site.desk.store.note
     reply = site.send(encode_request(command(issued_s=NOW - 1), KEY))
     assert reply is not None and not reply.accepted and reply.reason.startswith("before_horizon")
@@ -150,7 +155,7 @@ def test_without_a_memory_commands_from_before_the_start_are_refused() -> None:
 def test_a_corrupt_memory_is_put_aside_and_guarded_by_a_horizon(tmp_path: Path) -> None:
     path = tmp_path / "commands.sqlite3"
     path.write_bytes(b"this is not a database" * 100)
-    site = Site(CommandStore(path, wall_clock=NOW))
+    site = Site(store(path, NOW))
     assert "unreadable" in site.desk.store.note
     assert [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
     reply = site.send(encode_request(command(issued_s=NOW - 1), KEY))
@@ -167,7 +172,7 @@ def test_a_standby_neither_runs_nor_answers(site: Site) -> None:
 
 
 def test_a_command_before_the_loop_runs_is_refused_as_not_ready(tmp_path: Path) -> None:
-    site = Site(CommandStore(tmp_path / "c.sqlite3", wall_clock=NOW - 100), ready=False)
+    site = Site(store(tmp_path / "c.sqlite3", NOW - 100), ready=False)
     payload = encode_request(command(), KEY)
     reply = site.send(payload)
     assert reply is not None and not reply.accepted and reply.reason.startswith("not_ready")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,7 @@ def write_keys(path: Path, key: str, mode: int = 0o600) -> Path:
     return path
 
 
-@pytest.fixture
-async def commanded(mqtt_broker: MosquittoBroker, unique_topic_prefix: str,
-                    tmp_path: Path) -> AsyncIterator[tuple[Rig, Path]]:
-    keys = write_keys(tmp_path / "controller-keys.toml", new_key())
-    state = tmp_path / "state"
-    state.mkdir()
-
+def config_maker(keys: Path, state: Path) -> Callable[[MosquittoBroker, str, str], ControllerConfig]:
     def make_config(broker: MosquittoBroker, prefix: str, channel: str) -> ControllerConfig:
         return validate_config({
             "site_id": "site-a", "node_id": "n1",
@@ -50,7 +44,16 @@ async def commanded(mqtt_broker: MosquittoBroker, unique_topic_prefix: str,
             "state_dir": str(state),
         }, ControllerConfig, "<test>")
 
-    async with running_service(mqtt_broker, unique_topic_prefix, make_config) as rig:
+    return make_config
+
+
+@pytest.fixture
+async def commanded(mqtt_broker: MosquittoBroker, unique_topic_prefix: str,
+                    tmp_path: Path) -> AsyncIterator[tuple[Rig, Path]]:
+    keys = write_keys(tmp_path / "controller-keys.toml", new_key())
+    state = tmp_path / "state"
+    state.mkdir()
+    async with running_service(mqtt_broker, unique_topic_prefix, config_maker(keys, state)) as rig:
         yield rig, keys
 
 
@@ -147,3 +150,59 @@ async def test_the_cli_says_why_when_nobody_answers_or_its_input_is_wrong(comman
                                      "--key-id", KEY_ID)
     assert code == 2 and "--all" in err
     assert "Traceback" not in err
+
+
+async def test_a_latch_outlives_a_restart_and_only_a_clear_releases_it(
+    mqtt_broker: MosquittoBroker, unique_topic_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    keys = write_keys(tmp_path / "keys.toml", new_key())
+    state = tmp_path / "state"
+    state.mkdir()
+    make_config = config_maker(keys, state)
+    async with running_service(mqtt_broker, unique_topic_prefix, make_config) as rig:
+        _svc, bus, pub, topics = rig
+        seq = await _feed(pub, topics, 100.0, 1.0)
+        await _raise_alarm(rig, seq)
+        seq = await _feed(pub, topics, 100.0, 0.5, start_seq=seq + 1)  # the condition clears
+        assert bus.ccl() == 0.0
+    assert "rack-01: charge_over_temperature latched" in caplog.text
+
+    # Restarted on clean telemetry: the latch is back from the state database, CCL stays 0.
+    async with running_service(mqtt_broker, unique_topic_prefix, make_config) as rig:
+        svc, bus, pub, topics = rig
+        seq = await _feed(pub, topics, 100.0, 1.5, start_seq=seq + 1)
+        assert bus.limits and bus.ccl() == 0.0
+        assert max(limits["ChargeCurrentLimit"] for _, limits in bus.limits) == 0.0  # never a moment above
+        assert svc.state is not None and svc.state.cluster.latched_alarm
+        assert "latched alarms restored" in caplog.text
+        code, out, err = await bmslink_cmd(svc.config.mqtt.port, topics.prefix, "--site", "site-a",
+                                           "--key-file", str(keys), "--key-id", KEY_ID, "--all", "--json")
+        assert code == 0, err
+        assert json.loads(out)["released"] == [{"rack_id": "rack-01", "flag": "charge_over_temperature",
+                                                "why": ""}]
+        seq = await _feed(pub, topics, 100.0, 0.6, start_seq=seq + 1)
+        await wait_until(lambda: bus.ccl() == pytest.approx(200.0), 2.0, "current back after the clear")
+
+    # Released for good: a third start holds nothing.
+    async with running_service(mqtt_broker, unique_topic_prefix, make_config) as rig:
+        svc, bus, pub, topics = rig
+        await _feed(pub, topics, 100.0, 1.0, start_seq=seq + 1)
+        await wait_until(lambda: bus.ccl() == pytest.approx(200.0), 2.0, "no latch after the release")
+
+
+async def test_a_lost_state_database_is_said_and_keeps_what_the_racks_show(
+    mqtt_broker: MosquittoBroker, unique_topic_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    keys = write_keys(tmp_path / "keys.toml", new_key())
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "controller-n1.sqlite3").write_bytes(b"garbage" * 1000)
+    async with running_service(mqtt_broker, unique_topic_prefix, config_maker(keys, state)) as rig:
+        svc, bus, pub, topics = rig
+        assert svc.state_db.lost
+        assert "was unreadable" in caplog.text and "latched alarms held before are not known" in caplog.text
+        seq = await _feed(pub, topics, 100.0, 1.0)
+        await _raise_alarm(rig, seq)  # what a rack shows still latches
+        await _feed(pub, topics, 100.0, 0.5, start_seq=seq + 1)
+        assert bus.ccl() == 0.0
+    assert [p.name for p in state.iterdir() if ".corrupt-" in p.name]
