@@ -176,10 +176,11 @@ def run(args: argparse.Namespace, results: Results) -> None:
             if "reaction" not in args.skip:
                 for n in args.racks:
                     window = args.cpu_window_s if n == max(args.racks) else 0.0
-                    results.reactions.extend(reaction_phase(rig, n, args.trials, rnd, warmup_s=args.warmup_s,
-                                                            cpu_window_s=window))
+                    phase = reaction_phase(rig, n, args.trials, rnd, warmup_s=args.warmup_s,
+                                           cpu_window_s=window)
+                    results.reactions.extend(phase)
                     print(LINE)
-                    print_reactions(results.reactions[-2:])
+                    print_reactions(phase)
             if "rate" not in args.skip:
                 for system, rates in ((FLOOR, args.rates), (CONTROLLER, args.controller_rates)):
                     results.sweeps[system] = sweep(rig, args.rate_racks, rates, args.rate_seconds, rnd,
