@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from shared.mqtt import MqttSession
 from shared.topics import Topics
 
 REFRESH_S = 0.5
+CONNECT_TIMEOUT_S = 5.0  # --once: no broker within this is an error (exit 1), not an empty table
 
 
 class TelemetryView:
@@ -154,6 +156,11 @@ async def run_monitor(
     console = Console()
     deadline = time.monotonic() + 3.0 if once else None
     try:
+        if once and not await session.wait_connected(CONNECT_TIMEOUT_S):
+            why = session.stats.last_disconnect_reason or "no answer"
+            print(f"bmslink monitor: cannot connect to the broker at {mqtt.host}:{mqtt.port} ({why}; "
+                  f"{session.stats.connect_failures} failed attempt(s))", file=sys.stderr)
+            return 1
         with Live(view.render(time.monotonic()), console=console, refresh_per_second=4,
                   transient=once) as live:
             while not stop.is_set():

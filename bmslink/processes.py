@@ -438,7 +438,10 @@ class MosquittoBroker:
     With ``persistence=True`` retained messages and sessions survive ``stop()``/``restart()`` (and
     ``kill()`` once the autosave ran: ``autosave_interval`` is 1 s here); the database lives in a separate
     directory under the system temp dir, owned by the broker's unprivileged user. ``extra_config`` lines are
-    appended to the generated config verbatim (a bench adds ``sys_interval 1``).
+    appended to the generated config verbatim (a bench adds ``sys_interval 1``). ``site_config`` is a
+    site's own configuration (the shipped deploy/mosquitto/bmslink.conf, its paths adapted), used instead
+    of the generated listener, authentication and persistence lines; ``{port}`` in it is this broker's
+    port, and the logging lines are added after it.
     """
 
     host: str = LOOPBACK
@@ -450,6 +453,7 @@ class MosquittoBroker:
         port: int | None = None,
         persistence: bool = False,
         extra_config: Sequence[str] = (),
+        site_config: Sequence[str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -457,6 +461,7 @@ class MosquittoBroker:
         self.port: int = port if port is not None else free_port()
         self.persistence = persistence
         self.extra_config = tuple(extra_config)
+        self.site_config = None if site_config is None else tuple(site_config)
         self.config_path = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
         self._binary = find_mosquitto()
@@ -575,16 +580,15 @@ class MosquittoBroker:
             self._log_file = None
 
     def _write_config(self) -> None:
+        if self.site_config is not None:
+            lines = [line.replace("{port}", str(self.port)) for line in self.site_config] + self._log_lines()
+            self.config_path.write_text("\n".join([*lines, *self.extra_config]) + "\n")
+            return
         lines = [
             f"listener {self.port} {self.host}",
             "allow_anonymous true",
             "set_tcp_nodelay true",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
-            "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+            *self._log_lines(),
         ]
         if self.persistence:
             lines += [
@@ -596,6 +600,17 @@ class MosquittoBroker:
             lines.append("persistence false")
         lines += self.extra_config
         self.config_path.write_text("\n".join(lines) + "\n")
+
+    @staticmethod
+    def _log_lines() -> list[str]:
+        return [
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        ]
 
     def _ensure_persistence_dir(self) -> Path:
         if self._persistence_dir is None:
