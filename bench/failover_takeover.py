@@ -8,7 +8,12 @@ bus timestamps every frame. Each trial kills (SIGKILL) or freezes (SIGSTOP) the 
   overlap  = active frames of two nodes within one controller heartbeat period,
 then brings the old active back (restart, or SIGCONT) as the standby for the next trial.
 
-Run: ``.venv/bin/python bench/failover_takeover.py [--trials 20]``
+A second rig, with the re-admission hold and ramp at their defaults (10 s each), measures the warm
+standby: each trial restarts the standby, kills the active ``--lead-s`` (3 s) later, and compares the
+new active's first limits, and the lowest in the next 1.5 s, with the old active's last ones. A cold
+standby would send its racks back through the hold (0 A for 10 s, then a 10 s ramp).
+
+Run: ``.venv/bin/python bench/failover_takeover.py [--trials 20] [--warm-trials 5] [--lead-s 3]``
 """
 
 from __future__ import annotations
@@ -62,7 +67,65 @@ async def trial(chain: Chain, sig: signal.Signals) -> tuple[float, float]:
     return first.t - sent, gap
 
 
-async def run(trials: int) -> int:
+async def restart_as_standby(chain: Chain, node: int) -> float:
+    """SIGKILL controller ``node`` (if it runs), start it again, and return once it is heard standby."""
+    name = f"ctl-{node}"
+    proc = chain.procs.get(name)
+    if proc.poll() is None:
+        chain.procs.send_signal(name, signal.SIGKILL)
+        proc.popen.wait(5)
+    started = time.monotonic()
+    chain.start_controller(name, node_number=node, rank=node - 1)
+    await chain.wait_for(lambda: any(b.node == node and b.role == 2 for b in chain.recorder.beats
+                                     if b.t > started), 15.0, f"{name} back as standby")
+    return started
+
+
+async def young_standby_trial(chain: Chain, lead_s: float) -> tuple[float, float, float, float]:
+    """(takeover s, old active's last CCL, new active's first CCL, lowest CCL in the 1.5 s after)."""
+    old = chain.recorder.active_node()
+    assert old in (1, 2)
+    started = await restart_as_standby(chain, 3 - old)
+    await asyncio.sleep(max(0.0, started + lead_s - time.monotonic()))
+    before = chain.recorder.ccl()
+    sent = time.monotonic()
+    chain.procs.send_signal(f"ctl-{old}", signal.SIGKILL)
+    await chain.wait_for(lambda: chain.recorder.active_node() not in (None, old), 5.0, "takeover")
+    first_beat = next(b for b in chain.recorder.active_beats(sent) if b.node != old)
+    await asyncio.sleep(1.5)
+    after = [ccl for t, ccl, _, _ in chain.recorder.limits(first_beat.t)]
+    chain.procs.get(f"ctl-{old}").popen.wait(5)
+    await restart_as_standby(chain, old)
+    return first_beat.t - sent, before, after[0] if after else float("nan"), min(after, default=float("nan"))
+
+
+async def young_standby(root: Path, broker: MosquittoBroker, trials: int, lead_s: float) -> None:
+    procs = ProcessGroup(root / "procs-warm")
+    chain = Chain(root / "warm", broker, "bench-warm", procs, controllers=2, failover=True,
+                  hold_s=10.0, ramp_s=10.0)
+    (root / "warm").mkdir()
+    try:
+        await chain.start(ctl_1_active_first=True)
+        await chain.wait_for(lambda: chain.recorder.ccl() > 0, 60.0, "current granted")
+        await asyncio.sleep(10.0)  # the racks' share ramps in over readmit_ramp_s
+        await chain.settle(3.0)
+        rows = [await young_standby_trial(chain, lead_s) for _ in range(trials)]
+        same = sum(1 for _, before, first, _ in rows if abs(first - before) <= 0.1)
+        kept = min(low / before for _, before, _, low in rows if before > 0)
+        takeovers = [t for t, _, _, _ in rows]
+        print(f"young standby (started {lead_s:g} s before SIGKILL, hold 10 s + ramp 10 s): takeover p50 "
+              f"{statistics.median(takeovers) * 1000:.0f} ms, max {max(takeovers) * 1000:.0f} ms; "
+              f"first limits = the old active's in {same}/{len(rows)} trials; lowest CCL in the 1.5 s "
+              f"after: {kept * 100:.1f} % of the old active's")
+        for takeover, before, first, low in rows:
+            print(f"  takeover {takeover * 1000:4.0f} ms  CCL before {before:7.1f} A  first {first:7.1f} A  "
+                  f"lowest {low:7.1f} A")
+    finally:
+        await chain.stop()
+        procs.stop_all()
+
+
+async def run(trials: int, warm_trials: int, lead_s: float) -> int:
     with tempfile.TemporaryDirectory(prefix="bmslink-failover-bench-") as tmp:
         root = Path(tmp)
         broker = MosquittoBroker(root / "broker")
@@ -98,6 +161,10 @@ async def run(trials: int) -> int:
         finally:
             await chain.stop()
             procs.stop_all()
+        try:
+            if warm_trials:
+                await young_standby(root, broker, warm_trials, lead_s)
+        finally:
             broker.close()
     return 0
 
@@ -105,8 +172,10 @@ async def run(trials: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--warm-trials", type=int, default=5, help="young-standby trials (0: none)")
+    parser.add_argument("--lead-s", type=float, default=3.0, help="the young standby's start before the kill")
     args = parser.parse_args()
-    return asyncio.run(run(args.trials))
+    return asyncio.run(run(args.trials, args.warm_trials, args.lead_s))
 
 
 if __name__ == "__main__":

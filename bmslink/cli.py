@@ -201,6 +201,64 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
     return run_until_signalled(lambda stop: run_monitor(mqtt, args.site, stop, once=args.once))
 
 
+# -- events -------------------------------------------------------------------------------------
+
+_SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _since(text: str) -> float:
+    """``--since``: a span back from now (``90s``, ``10m``, ``2h``, ``1d``), an ISO 8601 time (local
+    unless it says otherwise) or a Unix time."""
+    import datetime  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    if text[-1:] in _SINCE_UNITS and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(text[:-1]) * _SINCE_UNITS[text[-1]]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ConfigError("<command line>", [
+            f"--since {text!r}: give a span (90s, 10m, 2h, 1d), an ISO time (2026-12-03T07:00) or a Unix time"
+        ]) from None
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    import datetime  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    import sqlite3  # noqa: PLC0415
+
+    from controller.journal import read_events  # noqa: PLC0415
+    from controller.state_db import state_db_path  # noqa: PLC0415
+
+    if (args.db is None) == (args.config is None):
+        raise ConfigError("<command line>", ["give the controller's --config or its state database (--db)"])
+    path = args.db
+    if path is None:
+        config = _load_controller_config(args.config)
+        path = state_db_path(config.state_dir, config.node_id)
+        if path is None:
+            raise ConfigError(args.config, ["no state_dir: this controller keeps its journal in memory only"])
+    if not path.is_file():
+        raise ConfigError(path, ["no state database here (has the controller run with this state_dir?)"])
+    since = None if args.since is None else _since(args.since)
+    try:
+        for seq, wall_s, node, kind, rack, text in read_events(path, since_s=since, rack_id=args.rack):
+            if args.json:
+                print(json.dumps({"seq": seq, "timestamp_s": wall_s, "node_id": node, "kind": kind,
+                                  "rack_id": rack, "text": text}))
+            else:
+                when = datetime.datetime.fromtimestamp(wall_s).isoformat(sep=" ", timespec="milliseconds")
+                print(f"{when}  {node:<10} {kind:<10} {rack:<10} {text}")
+    except sqlite3.Error as exc:
+        print(f"bmslink events: cannot read {path}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 # -- cmd ----------------------------------------------------------------------------------------
 
 
@@ -290,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     clear.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
     clear.add_argument("--json", action="store_true", help="print the reply as JSON")
     clear.set_defaults(handler=_cmd_command)
+    events = sub.add_parser("events", help="what a controller journaled: latches, commands, roles, racks")
+    events.add_argument("--config", type=Path, help="the controller's TOML file (finds its state_dir)")
+    events.add_argument("--db", type=Path, help="or the state database itself")
+    events.add_argument("--since", help="from: a span back (90s, 10m, 2h, 1d), an ISO time or a Unix time")
+    events.add_argument("--rack", help="only this rack's events")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
+    events.set_defaults(handler=_cmd_events)
+
     keygen = cmd_sub.add_parser("keygen", help="print a new operator key as a key-file line")
     keygen.add_argument("--key-id", required=True)
     keygen.set_defaults(handler=_cmd_keygen)

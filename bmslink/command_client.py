@@ -58,6 +58,9 @@ async def send_command(mqtt: MqttConfig, site_id: str, command: OperatorCommand,
                 reply = decoder.decode(message.payload, message.topic)
             except DecodeError as exc:
                 raise CommandClientError(f"unreadable reply on {message.topic}: {exc}") from None
+            if reply.retry and time.monotonic() + RESEND_S < deadline:
+                await asyncio.sleep(RESEND_S)  # "not now": the same bytes again, while time is left
+                continue
             return Answer(reply, time.monotonic() - started)
         raise CommandClientError(f"no reply within {timeout_s:g} s: is an active controller running for site "
                                  f"{site_id!r} under prefix {mqtt.topic_prefix!r}, and may this user publish "

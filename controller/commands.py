@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from controller.command_store import CommandStore
+from controller.journal import Journal
 from shared.codec import encode
 from shared.commands import (
     CommandAction,
@@ -39,7 +40,6 @@ from shared.commands import (
 )
 from shared.config import ConfigError
 from shared.controller_config import ControllerConfig
-from shared.logthrottle import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,10 @@ def command_keys(config: ControllerConfig, environ: Mapping[str, str] = os.envir
         return load_keys(path)
     except KeyFileError as exc:
         raise ConfigError(path, [str(exc)]) from None
+
+
+# The body hash stored for a command another controller answered (its bytes were not seen here).
+ANSWERED_ELSEWHERE = b""
 
 
 class ClearReport(NamedTuple):
@@ -84,8 +88,10 @@ class CommandDesk:
         is_active: Callable[[], bool],
         clear_latches: Callable[[tuple[str, ...]], ClearReport | None],
         publish_reply: Callable[[str, bytes], None],
+        journal: Journal,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        self._journal = journal
         self.site_id = site_id
         self.node_id = node_id
         self.keys = keys
@@ -97,7 +103,6 @@ class CommandDesk:
         self._publish_reply = publish_reply
         self._wall = wall_clock
         self.counters: Counter[str] = Counter()  # "accepted", "refused_<reason>", "retransmitted", ...
-        self._log = ThrottledLog(log)
 
     def on_request(self, payload: bytes) -> None:
         """One message on the command topic. Never raises."""
@@ -117,8 +122,10 @@ class CommandDesk:
             return
         seen = self.store.seen(command.id)
         if seen is not None:
-            if seen.body_sha256 == body_sha256:
+            if seen.body_sha256 in (body_sha256, ANSWERED_ELSEWHERE):
                 self.counters["retransmitted"] += 1
+                self._journal.record("command", f"{command.id} from key {command.key_id} seen before: its "
+                                     "first reply sent again, not run again", log_key=("retransmitted",))
                 self._publish_reply(command.id, seen.reply)
             else:
                 self._refused(None, "replay", f"command id {command.id} was used before for another command")
@@ -129,6 +136,12 @@ class CommandDesk:
             self.store.remember(command.id, command.issued_s, body_sha256, encoded)
             self.store.forget_issued_before(self._wall() - 2 * self.window_s)
         self._publish_reply(command.id, encoded)
+
+    def note_answered(self, command_id: str, reply: bytes) -> None:
+        """Another controller accepted this command (we were standby): after a takeover, the same id
+        gets that reply again and is never run here."""
+        if self.store.seen(command_id) is None:
+            self.store.remember(command_id, self._wall(), ANSWERED_ELSEWHERE, reply)
 
     def _authenticate(self, request: SignedRequest) -> tuple[OperatorCommand, bytes]:
         key = self.keys.get(request.key_id)
@@ -163,21 +176,24 @@ class CommandDesk:
             report = self._clear_latches(racks)
             if report is None:
                 why = "the control loop is not running yet; retry"
-                return self._refusal_reply(command, "not_ready", why), False
+                return self._refusal_reply(command, "not_ready", why, retry=True), False
             self.counters["accepted"] += 1
-            log.warning("command %s from key %s: clear latched alarms of %s accepted: released %s; held %s",
-                        command.id, command.key_id, "every rack" if not command.racks else list(racks),
-                        [f"{n.rack_id}/{n.flag}" for n in report.released] or "none",
-                        [f"{n.rack_id}/{n.flag} ({n.why})" for n in report.held] or "none")
+            released = ", ".join(f"{n.rack_id}/{n.flag}" for n in report.released) or "none"
+            held = ", ".join(f"{n.rack_id}/{n.flag} ({n.why})" for n in report.held) or "none"
+            self._journal.record(
+                "command", f"{command.id} from key {command.key_id}: clear of latched alarms of "
+                f"{'every rack' if not command.racks else ', '.join(racks)} accepted; released {released}; "
+                f"held {held}", level=logging.WARNING)
             what = f"released {len(report.released)} latch(es), {len(report.held)} still held"
             return CommandReply(id=command.id, node_id=self.node_id, accepted=True, reason=what,
                                 released=report.released, held=report.held, replied_s=self._wall()), True
         return self._refusal_reply(command, "unknown_command", f"unknown command {command.action!r}"), True
 
-    def _refusal_reply(self, command: OperatorCommand, reason: str, detail: str) -> CommandReply:
+    def _refusal_reply(self, command: OperatorCommand, reason: str, detail: str, *,
+                       retry: bool = False) -> CommandReply:
         self._count_refusal(reason, f"command {command.id} from key {command.key_id}: {detail}")
         return CommandReply(id=command.id, node_id=self.node_id, accepted=False, reason=f"{reason}: {detail}",
-                            replied_s=self._wall())
+                            retry=retry, replied_s=self._wall())
 
     def _refused(self, reply_to: str | None, reason: str, detail: str) -> None:
         self._count_refusal(reason, detail)
@@ -187,6 +203,9 @@ class CommandDesk:
             self._publish_reply(reply_to, encode(reply))
 
     def _count_refusal(self, reason: str, detail: str) -> None:
+        """Counted always; logged and journaled at most a few times per reason and 10 s (a flood of
+        refusals must not rotate the journal's history out)."""
         self.counters[f"refused_{reason}"] += 1
-        self._log.warning(("refused", reason), "command refused (%s): %s", reason, detail)
+        self._journal.record("command", f"refused ({reason}): {detail}", level=logging.WARNING,
+                             log_key=("refused", reason))
 

@@ -67,6 +67,8 @@ class FailoverLink:
         publish: Publish,
         took_over: Callable[[float], None],
         last_state: Callable[[], ConsolidatedState | None],
+        role_changed: Callable[[Role, int, str], None] | None = None,
+        limits_heard: Callable[[bytes, float], None] | None = None,
         monotonic: Callable[[], float],
         wall_clock: Callable[[], float],
     ) -> None:
@@ -79,6 +81,8 @@ class FailoverLink:
         self._publish = publish
         self._took_over = took_over
         self._last_state = last_state
+        self._role_changed_to = role_changed
+        self._limits_heard = limits_heard
         self._monotonic = monotonic
         self._wall = wall_clock
         failover = config.failover
@@ -210,7 +214,10 @@ class FailoverLink:
         if roles.role is self._last_role:
             return
         self._last_role = roles.role
-        log.warning("role %s (epoch %d): %s", roles.role.value, roles.epoch, roles.reason)
+        if self._role_changed_to is not None:  # it logs and journals
+            self._role_changed_to(roles.role, roles.epoch, roles.reason)
+        else:
+            log.warning("role %s (epoch %d): %s", roles.role.value, roles.epoch, roles.reason)
         now = self._monotonic()
         self._next_beat = now  # announce the new role at once
         if roles.role is Role.ACTIVE:
@@ -274,6 +281,9 @@ class FailoverLink:
         failover = self.config.failover
         if msg.arbitration_id == ID_LIMITS:
             self._on_limits_frame(now_s)
+            listening = self.roles is not None and self.roles.role is not Role.ACTIVE
+            if self._limits_heard is not None and listening:
+                self._limits_heard(bytes(msg.data), now_s)  # what the inverter is told (warm standby)
         elif (self.roles is not None and failover.heartbeat_enabled
               and msg.arbitration_id == failover.heartbeat_id):
             try:

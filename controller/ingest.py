@@ -1,9 +1,11 @@
 """MQTT ingest: each received message to where it belongs, as it is read.
 
 Rack telemetry goes into the rack table (which decodes, validates, orders and counts it); a leader
-record to the failover link; an operator command to the command desk. What the table calls urgent
-(a payload that may lower a limit or raise an alarm) gets its cycle at once; a routine payload waits
-in the table for the next full cycle.
+record to the failover link; an operator command to the command desk; another controller's latches or
+command replies to the latch share; the active's consolidated state to the warm standby. What the
+table calls urgent (a payload that may lower a limit or raise an alarm) gets its cycle at once; a
+routine payload waits in the table for the next full cycle, its rack's outcome computed ahead in
+idle time.
 
 The handler does more than hand off, on purpose: it is called by the MQTT session on the event loop
 (no queue in between), and while the control loop runs, an urgent payload's cycle runs right here,
@@ -17,9 +19,13 @@ from __future__ import annotations
 
 from controller.commands import CommandDesk
 from controller.control_loop import ControlLoop
+from controller.failover import Role
 from controller.failover_link import FailoverLink
+from controller.latch_share import LatchShare
+from controller.prepare_ahead import PrepareAhead
 from controller.rack_table import RackTable
 from controller.stats import ControllerStats
+from controller.warm_standby import WarmStandby
 from shared.mqtt import Message
 from shared.topics import Topics
 
@@ -28,10 +34,17 @@ class MqttIngest:
     """The MQTT session's message handler (:meth:`on_message`)."""
 
     def __init__(self, topics: Topics, table: RackTable, *, loop: ControlLoop,
-                 link: FailoverLink, stats: ControllerStats, commands: CommandDesk) -> None:
+                 link: FailoverLink, stats: ControllerStats, commands: CommandDesk,
+                 latch_share: LatchShare, warm: WarmStandby, prepare: PrepareAhead) -> None:
+        self._prepare = prepare
+        self._cluster_state_topic = topics.cluster_state
+        self._warm = warm
+        self._reply_head = topics.command_reply("")
         self._leader_topic = topics.leader
         self._command_topic = topics.command_request
+        self._latches_topic = topics.latches
         self._commands = commands
+        self._latch_share = latch_share
         self._table = table
         self._loop = loop
         self._link = link
@@ -47,6 +60,18 @@ class MqttIngest:
         if msg.topic == self._command_topic:
             self._commands.on_request(msg.payload)
             return False
+        if msg.topic == self._cluster_state_topic:
+            if self._link.role is not Role.ACTIVE:  # the active's own copy is not read back
+                self._warm.on_cluster_state(msg.payload, msg.topic, msg.received_monotonic_s)
+            return False
+        if msg.topic == self._latches_topic:
+            self._latch_share.on_latch_set(msg.payload)
+            return False
+        if msg.topic.startswith(self._reply_head):
+            reply = self._latch_share.on_reply(msg.topic, msg.payload)
+            if reply is not None and reply.accepted:  # another controller ran it: never run here too
+                self._commands.note_answered(reply.id, msg.payload)
+            return False
         ingest = self._table.ingest(msg.topic, msg.payload, msg.received_monotonic_s)
         if ingest.urgent:
             if self._loop.controlling:
@@ -54,4 +79,6 @@ class MqttIngest:
                 return False
             self._loop.wake()
             return True
+        if ingest.accepted and ingest.rack_id is not None:
+            self._prepare.note(ingest.rack_id)  # computed ahead, in idle time (controller.prepare_ahead)
         return False

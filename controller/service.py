@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
 import time
 import uuid
@@ -44,16 +45,21 @@ from controller.commands import ClearReport, CommandDesk, command_keys
 from controller.control_loop import STATE_PUBLISH_MIN_GAP_S, ControlLoop, HeartbeatSchedule, must_send_now
 from controller.core.engine import Engine
 from controller.core.faults import Latch
+from controller.core.memory import with_latches
 from controller.failover import ForeignTransmitterWatch, Role, RoleMachine
 from controller.failover_link import FailoverLink
 from controller.frames import FrameEncoder
 from controller.ingest import MqttIngest
+from controller.journal import Journal
+from controller.latch_share import LatchShare
 from controller.latch_store import LatchStore, restored_memory
 from controller.metrics import ControllerMetrics
 from controller.modbus_server import ConsolidatedModbusServer
+from controller.prepare_ahead import PrepareAhead
 from controller.rack_table import RackTable
 from controller.state_db import StateDb, state_db_path
 from controller.stats import ControllerStats
+from controller.warm_standby import WarmStandby
 from shared.cluster import ConsolidatedState, RackState
 from shared.commands import LatchNote
 from shared.controller_config import ControllerConfig
@@ -64,6 +70,7 @@ from shared.topics import STATUS_OFFLINE, Topics
 __all__ = ["STATE_PUBLISH_MIN_GAP_S", "ControllerService", "HeartbeatSchedule", "must_send_now"]
 
 log = logging.getLogger(__name__)
+_DIGITS = re.compile(r"[0-9.]+")
 
 
 class ControllerService:
@@ -91,6 +98,11 @@ class ControllerService:
         self._latches_seen: object = None  # the engine's latches_by_rack last looked at
         self._latch_save_pending = False
         self.engine = Engine(config, restored_memory(self._latched, self.table.roster, monotonic()))
+        self.warm = WarmStandby(config)
+        self.journal = Journal(self.state_db.db, site_id=config.site_id, node_id=config.node_id,
+                               publish=self._publish_event, wall_clock=wall_clock)
+        self._reported: ConsolidatedState | None = None  # the last state compared for the journal
+        self._limit_reasons = ("", "")
         self._clear_commands_s: Mapping[str, float] = MappingProxyType({})
         failover = config.failover
         self.can = CanPort(
@@ -99,6 +111,7 @@ class ControllerService:
         )
         self.link = FailoverLink(config, self.topics, self.can, self.stats, publish=self._publish,
                                  took_over=self._took_over, last_state=self._last_state,
+                                 role_changed=self._role_changed, limits_heard=self._limits_heard,
                                  monotonic=monotonic, wall_clock=wall_clock)
         self.modbus: ConsolidatedModbusServer | None = (
             ConsolidatedModbusServer(config.modbus_server) if config.modbus_server.enabled else None
@@ -111,20 +124,30 @@ class ControllerService:
             site_id=config.site_id, node_id=config.node_id, keys=command_keys(config),
             store=CommandStore(self.state_db), window_s=config.commands.window_s,
             roster=lambda: self.table.roster, is_active=lambda: self.link.role is Role.ACTIVE,
-            clear_latches=self.clear_latched_alarms, publish_reply=self._publish_reply, wall_clock=wall_clock,
+            clear_latches=self.clear_latched_alarms, publish_reply=self._publish_reply, journal=self.journal,
+            wall_clock=wall_clock,
         )
-        self.ingest = MqttIngest(self.topics, self.table, loop=self.loop,
-                                 link=self.link, stats=self.stats, commands=self.commands)
+        self.latch_share = LatchShare(
+            site_id=config.site_id, node_id=config.node_id, topics=self.topics,
+            publish=self._publish_retained, epoch=lambda: self.roles.epoch if self.roles is not None else 0,
+            adopt=self._adopt_latches, wall_clock=wall_clock,
+        )
+        self.ingest = MqttIngest(self.topics, self.table, loop=self.loop, link=self.link, stats=self.stats,
+                                 commands=self.commands, latch_share=self.latch_share, warm=self.warm,
+                                 prepare=PrepareAhead(lambda: self.engine, self.table, monotonic=monotonic))
         client_id = (
             config.mqtt.client_id
             or f"bmslink-controller-{config.site_id}-{config.node_id}-{uuid.uuid4().hex[:8]}"
         )
         # Messages are handled as they are read, on the loop (no queue): see controller.ingest.
         self.mqtt = MqttSession(config.mqtt, client_id, will=Will(self.link.status_topic, STATUS_OFFLINE),
-                                on_connected=self.link.on_mqtt_connected, on_message=self.ingest.on_message)
+                                on_connected=self._on_mqtt_connected, on_message=self.ingest.on_message)
         self.mqtt.subscribe(self.topics.all_rack_telemetry, qos=0)
         self.mqtt.subscribe(self.topics.leader, qos=1)
         self.mqtt.subscribe(self.topics.command_request, qos=1)
+        self.mqtt.subscribe(self.topics.latches, qos=1)
+        self.mqtt.subscribe(self.topics.cluster_state, qos=0)
+        self.mqtt.subscribe(self.topics.all_command_replies, qos=1)
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics = ControllerMetrics(self)
 
@@ -187,7 +210,22 @@ class ControllerService:
                                   unknown_racks=self.table.unknown_ids())
         if self.engine.latches_by_rack is not self._latches_seen:
             self._note_latches()
+        self._journal_changes(state)
         return state
+
+    def _journal_changes(self, state: ConsolidatedState) -> None:
+        """Rack state changes, and changes of what limits the bank (its reasons without the figures)."""
+        before = self._reported
+        self._reported = state
+        if before is not None and before.racks is not state.racks and len(before.racks) == len(state.racks):
+            for old, new in zip(before.racks, state.racks, strict=True):
+                if old is not new and old.state is not new.state and old.rack_id == new.rack_id:
+                    self.journal.record("rack_state", f"{old.state} -> {new.state}: {new.reason}",
+                                        rack_id=new.rack_id, log_key=("rack_state", new.rack_id))
+        reasons = (_DIGITS.sub("#", state.ccl_reason), _DIGITS.sub("#", state.dcl_reason))
+        if reasons != self._limit_reasons:
+            self._limit_reasons = reasons
+            self.journal.record("limit", f"{state.ccl_reason} | {state.dcl_reason}", log_key=("limit",))
 
     def _note_latches(self) -> None:
         """The latched set changed, maybe: say what latched and what was released (WARNING: an installer
@@ -199,14 +237,47 @@ class ControllerService:
         for rack_id in sorted(latched.keys() | self._latched.keys()):
             now, before = latched.get(rack_id, frozenset()), self._latched.get(rack_id, frozenset())
             for flag in sorted(now - before):
-                log.warning("rack %s: %s latched (held until its condition clears and an operator's clear "
-                            "is accepted)", rack_id, flag)
+                self.journal.record("latch", f"{flag} latched (held until its condition clears and an "
+                                    "operator's clear is accepted)", rack_id=rack_id, level=logging.WARNING)
             for flag in sorted(before - now):
-                log.warning("rack %s: latched %s released by an operator's clear", rack_id, flag)
+                self.journal.record("release", f"{flag} released by an operator's clear", rack_id=rack_id,
+                                    level=logging.WARNING)
         self._latched = latched
+        self._share_latches()
+        self._schedule_latch_save()
+
+    def _schedule_latch_save(self) -> None:
         if not self._latch_save_pending:
             self._latch_save_pending = True
             asyncio.get_running_loop().call_soon(self._save_latches)
+
+    def _share_latches(self) -> None:
+        """The active publishes its latches (controller/latch_share.py); a standby never does."""
+        if self.link.role is Role.ACTIVE:
+            self.latch_share.publish(self._latched)
+
+    def _adopt_latches(self, add: list[tuple[str, str]], release: list[tuple[str, str]], why: str) -> None:
+        """Latches another controller holds, or released by its accepted clear, become ours too."""
+        memory = self.engine.memory
+        held = {rack_id: rack.latches for rack_id, rack in memory.racks.items()}
+        roster = set(self.table.roster)
+        add = [(r, f) for r, f in add if r in roster and f not in held.get(r, {})]
+        release = [(r, f) for r, f in release if f in held.get(r, {})]
+        if not add and not release:
+            return
+        latched = {rack_id: set(flags) for rack_id, flags in self._latched.items()}
+        for rack_id, flag in add:
+            self.journal.record("latch", f"{flag} latched, {why}", rack_id=rack_id, level=logging.WARNING)
+            latched.setdefault(rack_id, set()).add(flag)
+        for rack_id, flag in release:
+            self.journal.record("release", f"{flag} {why}", rack_id=rack_id, level=logging.WARNING)
+            latched.get(rack_id, set()).discard(flag)
+        self.engine.replace_memory(with_latches(memory, add=add, release=release, now_s=self._monotonic()))
+        # Said and written here, with why; the next cycle finds the same set and adds nothing.
+        self._latched = {rack_id: frozenset(flags) for rack_id, flags in latched.items() if flags}
+        self._share_latches()
+        self._schedule_latch_save()
+        self.loop.wake()
 
     def _save_latches(self) -> None:
         self._latch_save_pending = False
@@ -229,11 +300,36 @@ class ControllerService:
                  expiry_s: int | None = None) -> bool:
         return self.mqtt.publish(topic, payload, qos=qos, retain=retain, expiry_s=expiry_s)
 
+    def _publish_event(self, payload: bytes) -> None:
+        self.mqtt.publish(self.topics.controller_events(self.config.node_id), payload, qos=1)
+
+    def _role_changed(self, role: Role, epoch: int, reason: str) -> None:
+        self.journal.record("role", f"{role.value} (epoch {epoch}): {reason}", level=logging.WARNING)
+
+    def _publish_retained(self, topic: str, payload: bytes) -> None:
+        self.mqtt.publish(topic, payload, qos=1, retain=True)
+
+    def _on_mqtt_connected(self) -> None:
+        self.link.on_mqtt_connected()
+        self._share_latches()  # a broker that restarted without persistence lost the retained set
+
     def _publish_reply(self, command_id: str, payload: bytes) -> None:
         self.mqtt.publish(self.topics.command_reply(command_id), payload, qos=1)
 
+    def _limits_heard(self, data: bytes, now_s: float) -> None:
+        self.warm.on_limits_frame(data, now_s)
+
     def _took_over(self, now_s: float) -> None:
+        memory = self.warm.takeover_memory(self.engine.memory, self.loop.state, now_s)
+        if memory is not None:
+            self.engine.replace_memory(memory)
+            heard, followed = self.warm.limits, self.warm.followed
+            assert heard is not None and followed is not None
+            self.journal.record("role", f"taking over warm from {followed.node_id}: continuing from CCL "
+                                f"{heard.charge_a:g} A, DCL {heard.discharge_a:g} A with "
+                                f"{len(followed.admitted)} rack(s) admitted", level=logging.WARNING)
         self.loop.took_over(now_s)
+        self._share_latches()
 
     def _last_state(self) -> ConsolidatedState | None:
         return self.loop.state
@@ -355,6 +451,7 @@ class ControllerService:
         self.metrics.close()
         if self._latch_save_pending:  # the stop came before the write: write it now
             self._save_latches()
+        self.journal.flush()
         self.state_db.close()
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -1,8 +1,8 @@
 """The controller's state database: what must outlive a restart, in one SQLite file (WAL).
 
 ``{state_dir}/controller-{node_id}.sqlite3`` holds the operators' command ids (the replay memory,
-``command_store``) and the latched alarms (``latch_store``). Without a ``state_dir`` the same tables
-live in memory, and the controller says so at every start.
+``command_store``), the latched alarms (``latch_store``) and the journal (``journal``). Without a
+``state_dir`` the same tables live in memory, and the controller says so at every start.
 
 A file that cannot be read as a database is put aside (renamed ``….corrupt-<time>``, for a person to
 look at) and a new one is started; :attr:`StateDb.note` then says what was lost, and
@@ -29,6 +29,15 @@ CREATE TABLE IF NOT EXISTS commands (
     body_sha256 BLOB NOT NULL,
     reply BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    wall_s REAL NOT NULL,
+    node_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    rack_id TEXT NOT NULL,
+    text TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS journal_wall ON journal (wall_s);
 CREATE TABLE IF NOT EXISTS latches (
     rack_id TEXT NOT NULL,
     flag TEXT NOT NULL,

@@ -150,3 +150,33 @@ class LeaderRecord(_Frozen):
     node_number: Byte = 0
     epoch: Counter
     timestamp_s: Seconds = 0.0
+
+
+class LatchedAlarm(_Frozen):
+    rack_id: Identifier
+    flag: Text
+
+
+class LatchSet(_Frozen):
+    """The active controller's latched alarms (retained, on ``Topics.latches``): a standby holds the
+    union of its own and these, so a takeover never forgets a latch (controller/latch_share.py)."""
+
+    schema_version: tuple[Byte, Byte] = (SCHEMA_MAJOR, SCHEMA_MINOR)
+    site_id: Identifier
+    node_id: Identifier
+    epoch: Counter = 0
+    timestamp_s: Timestamp
+    latches: tuple[LatchedAlarm, ...] = ()
+
+
+class JournalEvent(_Frozen):
+    """One entry of a controller's journal (controller/journal.py), published on ``Topics.events``:
+    ``kind`` is latch, release, command, role, rack_state or limit."""
+
+    schema_version: tuple[Byte, Byte] = (SCHEMA_MAJOR, SCHEMA_MINOR)
+    site_id: Identifier
+    node_id: Identifier
+    timestamp_s: Timestamp
+    kind: Text
+    rack_id: Text = ""
+    text: Text

@@ -88,6 +88,7 @@ class CommandReply(_Frozen):
     reason: Text = ""  # why it was refused, or what was done
     released: tuple[LatchNote, ...] = ()
     held: tuple[LatchNote, ...] = ()  # latches the clear did not release, each with why
+    retry: Annotated[bool, Strict()] = False  # refused for now only: the same command may be sent again
     replied_s: Timestamp = 0.0
 
 

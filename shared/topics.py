@@ -4,6 +4,8 @@
 ``{prefix}/{site}/rack/{rack}/status``      retained ``online`` / Last Will ``offline``
 ``{prefix}/{site}/controller/{node}/status`` retained controller role record
 ``{prefix}/{site}/controller/leader``       retained leader record (epoch, node), with expiry
+``{prefix}/{site}/controller/latches``      retained latched alarms of the active (LatchSet)
+``{prefix}/{site}/controller/{node}/events`` the controller's journal entries (JournalEvent)
 ``{prefix}/{site}/cluster/state``           msgpack consolidated state from the active controller
 ``{prefix}/{site}/cmd/controller``          signed operator commands to the active controller
 ``{prefix}/{site}/reply/{command id}``      the active controller's reply to one command
@@ -50,6 +52,17 @@ class Topics:
     @property
     def leader(self) -> str:
         return f"{self._base}/controller/leader"
+
+    def controller_events(self, node_id: str) -> str:
+        return f"{self._base}/controller/{node_id}/events"
+
+    @property
+    def latches(self) -> str:
+        return f"{self._base}/controller/latches"
+
+    @property
+    def all_command_replies(self) -> str:
+        return self.command_reply("+")
 
     @property
     def cluster_state(self) -> str:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -49,3 +49,21 @@ class CoreMemory:
     def initial(cls) -> CoreMemory:
         """The memory of a controller that has just started (every rack goes through the hold)."""
         return cls()
+
+
+def with_latches(memory: CoreMemory, *, add: Iterable[tuple[str, str]] = (),
+                 release: Iterable[tuple[str, str]] = (), now_s: float) -> CoreMemory:
+    """``memory`` with the (rack id, alarm) pairs of ``add`` latched (active from ``now_s``; one latched
+    already stays as it is) and those of ``release`` released: what another controller knew or did."""
+    racks = dict(memory.racks)
+    for rack_id, flag in add:
+        rack = racks.get(rack_id) or RackMemory()
+        if flag not in rack.latches:
+            latches = MappingProxyType({**rack.latches, flag: Latch(raised_s=now_s)})
+            racks[rack_id] = rack._replace(latches=latches)
+    for rack_id, flag in release:
+        held = racks.get(rack_id)
+        if held is not None and flag in held.latches:
+            kept = {name: latch for name, latch in held.latches.items() if name != flag}
+            racks[rack_id] = held._replace(latches=MappingProxyType(kept) if kept else NO_LATCHES)
+    return replace(memory, racks=MappingProxyType(racks))

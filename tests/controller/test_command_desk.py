@@ -10,6 +10,7 @@ import pytest
 
 from controller.command_store import CommandStore
 from controller.commands import ClearReport, CommandDesk
+from controller.journal import Journal
 from controller.state_db import StateDb
 from shared.codec import Decoder
 from shared.commands import (
@@ -34,10 +35,13 @@ class Site:
         self.ready = ready
         self.cleared: list[tuple[str, ...]] = []
         self.replies: list[tuple[str, CommandReply]] = []
+        self.events: list[bytes] = []
         self.desk = CommandDesk(
             site_id="site-a", node_id="ctl-a", keys={"alice": KEY}, store=store, window_s=30.0,
             roster=lambda: ("rack-01", "rack-02"), is_active=lambda: self.active,
             clear_latches=self._clear, publish_reply=self._reply, wall_clock=lambda: self.now,
+            journal=Journal(store.state.db, site_id="site-a", node_id="ctl-a", publish=self.events.append,
+                            wall_clock=lambda: self.now),
         )
 
     def _clear(self, racks: tuple[str, ...]) -> ClearReport | None:

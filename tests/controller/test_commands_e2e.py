@@ -165,7 +165,7 @@ async def test_a_latch_outlives_a_restart_and_only_a_clear_releases_it(
         await _raise_alarm(rig, seq)
         seq = await _feed(pub, topics, 100.0, 0.5, start_seq=seq + 1)  # the condition clears
         assert bus.ccl() == 0.0
-    assert "rack-01: charge_over_temperature latched" in caplog.text
+    assert "rack rack-01 latch: charge_over_temperature latched" in caplog.text
 
     # Restarted on clean telemetry: the latch is back from the state database, CCL stays 0.
     async with running_service(mqtt_broker, unique_topic_prefix, make_config) as rig:

@@ -151,6 +151,7 @@ profile = "acme_flat"
 CONTROLLER_TOML = """\
 site_id = "site-e"
 node_id = "{node}"
+state_dir = "{state_dir}"
 
 [mqtt]
 host = "127.0.0.1"
@@ -177,6 +178,7 @@ window_s = 5
 horizon_s = 10
 
 {failover}
+{commands}
 {roster}
 """
 
@@ -195,6 +197,7 @@ class Chain:
     sim_configs: dict[int, SimRackConfig] = field(default_factory=dict)
     controllers: int = 1
     failover: bool = False
+    keys_file: Path | None = None  # the operators' key file the controllers read ([commands])
     sims: list[SimulatedBms] = field(default_factory=list)
     recorder: Recorder = field(default_factory=Recorder)
     bridge: CanBridge | None = None
@@ -257,12 +260,22 @@ class Chain:
             failover = (f"[failover]\nenabled = true\nnode_number = {node_number}\nrank = {rank}\n"
                         f"heartbeat_period_ms = 100\n")
         path = self.tmp / f"{name}.toml"
+        state_dir = self.state_dir(name)
+        state_dir.mkdir(exist_ok=True)
+        # A wide command window: a replay in a slow run must still be refused as a replay, not for age.
+        commands = ("" if self.keys_file is None
+                    else f'[commands]\nkeys_file = "{self.keys_file}"\nwindow_s = 120\n')
         path.write_text(CONTROLLER_TOML.format(
+            state_dir=state_dir, commands=commands,
             node=name, broker=mqtt_port or self.broker.port, prefix=self.prefix,
             can=can_channel or self.bridge.channel,
             heartbeat=HEARTBEAT_MS, min_racks=self.min_racks, hold=self.hold_s, ramp=self.ramp_s,
             ramp_rate=self.ramp_rate, roster=roster, failover=failover))
         return path
+
+    def state_dir(self, name: str) -> Path:
+        """Where controller ``name`` keeps its state database (kept across its restarts)."""
+        return self.tmp / f"state-{name}"
 
     def start_controller(self, name: str, **kwargs: Any) -> None:
         config_path = self.controller_config(name, **kwargs)
