@@ -4,8 +4,7 @@ Rack telemetry goes into the rack table (which decodes, validates, orders and co
 record to the failover link; an operator command to the command desk; another controller's latches or
 command replies to the latch share; the active's consolidated state to the warm standby. What the
 table calls urgent (a payload that may lower a limit or raise an alarm) gets its cycle at once; a
-routine payload waits in the table for the next full cycle, its rack's outcome computed ahead in
-idle time.
+routine payload waits in the table for the next full cycle.
 
 The handler does more than hand off, on purpose: it is called by the MQTT session on the event loop
 (no queue in between), and while the control loop runs, an urgent payload's cycle runs right here,
@@ -22,7 +21,6 @@ from controller.control_loop import ControlLoop
 from controller.failover import Role
 from controller.failover_link import FailoverLink
 from controller.latch_share import LatchShare
-from controller.prepare_ahead import PrepareAhead
 from controller.rack_table import RackTable
 from controller.stats import ControllerStats
 from controller.warm_standby import WarmStandby
@@ -35,8 +33,7 @@ class MqttIngest:
 
     def __init__(self, topics: Topics, table: RackTable, *, loop: ControlLoop,
                  link: FailoverLink, stats: ControllerStats, commands: CommandDesk,
-                 latch_share: LatchShare, warm: WarmStandby, prepare: PrepareAhead) -> None:
-        self._prepare = prepare
+                 latch_share: LatchShare, warm: WarmStandby) -> None:
         self._cluster_state_topic = topics.cluster_state
         self._warm = warm
         self._reply_head = topics.command_reply("")
@@ -79,6 +76,4 @@ class MqttIngest:
                 return False
             self._loop.wake()
             return True
-        if ingest.accepted and ingest.rack_id is not None:
-            self._prepare.note(ingest.rack_id)  # computed ahead, in idle time (controller.prepare_ahead)
         return False

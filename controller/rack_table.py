@@ -108,10 +108,6 @@ class RackTable:
     def roster(self) -> tuple[str, ...]:
         return self._roster
 
-    def untaken(self, rack_id: str) -> RackInput | None:
-        """The rack's input the core has not taken yet (None: none, or taken)."""
-        return self._untaken.get(rack_id)
-
     def latest(self, rack_id: str) -> RackInput | None:
         """The rack's latest input (the one the next full snapshot carries); None off the roster."""
         return self._racks.get(rack_id)

@@ -55,7 +55,6 @@ from controller.latch_share import LatchShare
 from controller.latch_store import LatchStore, restored_memory
 from controller.metrics import ControllerMetrics
 from controller.modbus_server import ConsolidatedModbusServer
-from controller.prepare_ahead import PrepareAhead
 from controller.rack_table import RackTable
 from controller.state_db import StateDb, state_db_path
 from controller.stats import ControllerStats
@@ -133,8 +132,7 @@ class ControllerService:
             adopt=self._adopt_latches, wall_clock=wall_clock,
         )
         self.ingest = MqttIngest(self.topics, self.table, loop=self.loop, link=self.link, stats=self.stats,
-                                 commands=self.commands, latch_share=self.latch_share, warm=self.warm,
-                                 prepare=PrepareAhead(lambda: self.engine, self.table, monotonic=monotonic))
+                                 commands=self.commands, latch_share=self.latch_share, warm=self.warm)
         client_id = (
             config.mqtt.client_id
             or f"bmslink-controller-{config.site_id}-{config.node_id}-{uuid.uuid4().hex[:8]}"

@@ -24,15 +24,6 @@ engine leaves alone.
 
 An urgent cycle (a payload that may lower a limit, run the moment it arrives) is the same call: it
 equals the reference at its instant, over the inputs the engine was given.
-
-**Computed ahead** (:meth:`Engine.prepare`). A routine payload waits for the next full cycle; its
-rack's outcome can be computed before, in idle time, so that a lowering arriving meanwhile does not
-wait behind a full cycle's worth of racks. The cycle that is then given that very input takes the
-prepared outcome only where it is exactly the one it would compute: the same input and rack-memory
-objects, config and clear commands, prepared no later than the cycle's time, standing at it (before
-``valid_until_s``, the same rule the engine applies to the racks it leaves alone), and with no memory
-that took the time it was computed at (a rack found ok, or lost, at that moment); else it computes the
-rack itself.
 """
 
 from __future__ import annotations
@@ -42,7 +33,6 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import NamedTuple
 
 from controller.core.bank import BankInputs, consolidate
 from controller.core.faults import Latch
@@ -123,15 +113,6 @@ class _Bank:
         return _Bank(inputs, self.parallel_at, self.reporting_at, self.held_at)
 
 
-class _Prepared(NamedTuple):
-    outcome: RackOutcome
-    rack_input: RackInput
-    previous: RackMemory | None
-    config: ControllerConfig
-    clears: Mapping[str, float]
-    prepared_s: float
-
-
 class Engine:
     """The controller's core: the inputs it was given, each roster rack's last outcome, and the memory.
 
@@ -151,10 +132,7 @@ class Engine:
         self._changed: set[str] = set()  # roster racks put since their outcome
         self._due: list[tuple[float, str]] = []  # (validity time, rack id), a heap
         self._due_s: dict[str, float] = {}  # each rack's current validity time (heap entries may be old)
-        self._prepared: dict[str, _Prepared] = {}
         self.racks_recomputed = 0  # racks whose outcome was computed (all cycles, for the metrics)
-        self.racks_prepared = 0  # outcomes computed ahead (prepare)
-        self.racks_prepared_taken = 0  # of those, taken by a cycle
 
     @property
     def config(self) -> ControllerConfig:
@@ -179,26 +157,10 @@ class Engine:
         else:
             self._strangers.add(rack_id)
 
-    def prepare(self, rack_input: RackInput, now_s: float) -> None:
-        """Compute ahead the outcome the next cycle will compute for ``rack_input`` (not put yet)."""
-        rack_id = rack_input.rack_id
-        last_now_s = self._memory.last_now_s
-        if (rack_id not in self._roster_at or self._outcomes is None
-                or (last_now_s is not None and now_s < last_now_s)):
-            return
-        previous = self._memory.racks.get(rack_id)
-        clears = self._clear_commands_s
-        outcome = rack_outcome(
-            roster_rack=self._config.roster[self._roster_at[rack_id]], rack_input=rack_input,
-            previous=previous or RackMemory(), config=self._config, clear_command_s=clears.get(rack_id),
-            now_s=now_s,
-        )
-        self._prepared[rack_id] = _Prepared(outcome, rack_input, previous, self._config, clears, now_s)
-        self.racks_prepared += 1
-
     def replace_memory(self, memory: CoreMemory) -> None:
         """The memory changed outside a cycle (latches another controller knew, or released by its
-        clear: ``memory.with_latches``): the next cycle recomputes every rack from it."""
+        clear: ``memory.with_latches``; a warm takeover: ``controller.warm_standby``): the next cycle
+        recomputes every rack from it."""
         self._memory = memory
         self._outcomes = None
 
@@ -208,7 +170,6 @@ class Engine:
         self._roster_at = {roster_rack.rack_id: i for i, roster_rack in enumerate(config.roster)}
         self._strangers = {rack_id for rack_id in self._inputs if rack_id not in self._roster_at}
         self._outcomes = None
-        self._prepared.clear()
 
     def cycle(
         self, now_s: float, wall_s: float, *, clear_commands_s: Mapping[str, float] | None = None,
@@ -236,7 +197,6 @@ class Engine:
                 if clears.get(rack_id) != self._clear_commands_s.get(rack_id)
             )
         if outcomes is None or (last_now_s is not None and now_s < last_now_s):
-            self._prepared.clear()
             outcomes = [self._outcome(rack_id, now_s, clears) for rack_id in self._roster_at]
             bank = _Bank.of(outcomes)
             self._due, self._due_s = [], {}
@@ -246,7 +206,7 @@ class Engine:
             changes = []
             for rack_id in sorted(self._changed | self._due_racks(now_s)):
                 at = self._roster_at[rack_id]
-                new = self._take_prepared(rack_id, now_s, clears) or self._outcome(rack_id, now_s, clears)
+                new = self._outcome(rack_id, now_s, clears)
                 changes.append((at, outcomes[at], new))
                 outcomes[at] = new
             assert self._bank is not None  # made with the outcomes
@@ -274,27 +234,6 @@ class Engine:
             clear_command_s=clears.get(rack_id),
             now_s=now_s,
         )
-
-    def _take_prepared(self, rack_id: str, now_s: float, clears: Mapping[str, float]) -> RackOutcome | None:
-        """The outcome prepared for this rack, if it is exactly what the cycle would compute now."""
-        prepared = self._prepared.get(rack_id)
-        if prepared is None or prepared.rack_input is not self._inputs.get(rack_id):
-            return None  # none, or for an input still waiting to be put: kept for its cycle
-        del self._prepared[rack_id]
-        stamped, before = prepared.outcome.memory, prepared.previous or RackMemory()
-        if (
-            prepared.previous is not self._memory.racks.get(rack_id)
-            # The memory took the time it was computed at (a rack found ok, or lost, just then): the
-            # cycle would take its own time instead.
-            or stamped.ok_since_s == prepared.prepared_s != before.ok_since_s
-            or stamped.lost_s == prepared.prepared_s != before.lost_s
-            or prepared.config is not self._config
-            or prepared.clears is not clears
-            or not prepared.prepared_s <= now_s < prepared.outcome.valid_until_s - DUE_MARGIN_S
-        ):
-            return None
-        self.racks_prepared_taken += 1
-        return prepared.outcome
 
     def _due_racks(self, now_s: float) -> set[str]:
         """The racks whose outcome's validity time has passed (popped from the heap)."""
