@@ -53,6 +53,14 @@ class ControllerReadings(Protocol):
     def can_healthy(self) -> bool: ...
 
     @property
+    def command_outcomes(self) -> Mapping[str, int]:
+        """Operator commands by outcome (accepted, refused_<reason>, retransmitted, ignored_standby)."""
+
+    @property
+    def journal_counts(self) -> Mapping[str, int]:
+        """Journal entries recorded, suppressed by the rate limit, lost to write errors; latched pairs."""
+
+    @property
     def mqtt_stats(self) -> MqttStats: ...
 
     @property
@@ -106,6 +114,10 @@ class _ReadingsCollector(Collector):
             "published": m.published,
             "publish_dropped_offline": m.publish_dropped_offline,
         })
+        yield _counters("bmslink_controller_commands", "Operator commands by outcome (refused_<reason>, ...)",
+                        "outcome", dict(s.command_outcomes))
+        yield _counters("bmslink_controller_journal", "Journal entries: recorded, suppressed, write_errors",
+                        "event", dict(s.journal_counts))
         up = GaugeMetricFamily("bmslink_controller_up", "1 when the link works", labels=["link"])
         up.add_metric(["mqtt"], 1.0 if s.mqtt_connected else 0.0)
         up.add_metric(["can"], 1.0 if s.can_healthy else 0.0)

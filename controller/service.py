@@ -94,7 +94,6 @@ class ControllerService:
         self.state_db = StateDb(state_db_path(config.state_dir, config.node_id), wall_clock=wall_clock())
         self.latch_store = LatchStore(self.state_db)
         self._latched: dict[str, frozenset[str]] = self.latch_store.load()
-        self._latches_seen: object = None  # the engine's latches_by_rack last looked at
         self._latch_save_pending = False
         self.engine = Engine(config, restored_memory(self._latched, self.table.roster, monotonic()))
         self.warm = WarmStandby(config)
@@ -206,8 +205,7 @@ class ControllerService:
             self.engine.put(rack_input)
         state = self.engine.cycle(now, self._wall(), clear_commands_s=self._clear_commands_s,
                                   unknown_racks=self.table.unknown_ids())
-        if self.engine.latches_by_rack is not self._latches_seen:
-            self._note_latches()
+        self._note_latches()
         self._journal_changes(state)
         return state
 
@@ -215,9 +213,9 @@ class ControllerService:
         """Rack state changes, and changes of what limits the bank (its reasons without the figures)."""
         before = self._reported
         self._reported = state
-        if before is not None and before.racks is not state.racks and len(before.racks) == len(state.racks):
+        if before is not None and len(before.racks) == len(state.racks):
             for old, new in zip(before.racks, state.racks, strict=True):
-                if old is not new and old.state is not new.state and old.rack_id == new.rack_id:
+                if old.state is not new.state and old.rack_id == new.rack_id:
                     self.journal.record("rack_state", f"{old.state} -> {new.state}: {new.reason}",
                                         rack_id=new.rack_id, log_key=("rack_state", new.rack_id))
         reasons = (_DIGITS.sub("#", state.ccl_reason), _DIGITS.sub("#", state.dcl_reason))
@@ -226,10 +224,10 @@ class ControllerService:
             self.journal.record("limit", f"{state.ccl_reason} | {state.dcl_reason}", log_key=("limit",))
 
     def _note_latches(self) -> None:
-        """The latched set changed, maybe: say what latched and what was released (WARNING: an installer
-        must see it), and write the new set to the state database once the frames are out."""
-        self._latches_seen = latches_by_rack = self.engine.latches_by_rack
-        latched = {rack_id: frozenset(latches) for rack_id, latches in latches_by_rack}
+        """When the latched set changed: say what latched and what was released (WARNING: an installer
+        must see it), and write the new set to the state database once the frames are out. (The racks
+        holding latches are few, usually none: comparing them every cycle costs next to nothing.)"""
+        latched = {rack_id: frozenset(latches) for rack_id, latches in self.engine.latches_by_rack}
         if latched == self._latched:
             return
         for rack_id in sorted(latched.keys() | self._latched.keys()):
@@ -383,6 +381,16 @@ class ControllerService:
     @property
     def can_events(self) -> Mapping[str, int]:
         return self.can.counters
+
+    @property
+    def command_outcomes(self) -> Mapping[str, int]:
+        return self.commands.counters
+
+    @property
+    def journal_counts(self) -> Mapping[str, int]:
+        j = self.journal
+        return {"recorded": j.recorded, "suppressed": j.suppressed, "write_errors": j.write_errors,
+                "state_write_errors": self.stats.state_write_errors}
 
     @property
     def can_healthy(self) -> bool:

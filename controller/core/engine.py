@@ -140,7 +140,7 @@ class Engine:
 
     @property
     def latches_by_rack(self) -> tuple[tuple[str, Mapping[str, Latch]], ...]:
-        """The last cycle's racks holding latches (roster order); the same object while none changed."""
+        """The last cycle's racks holding latches (roster order)."""
         return self._bank.inputs.latches_by_rack if self._bank is not None else ()
 
     @property
@@ -177,8 +177,7 @@ class Engine:
     ) -> ConsolidatedState:
         """This cycle's consolidated battery: ``step`` on every input put so far, from the memory of the
         cycles before (``clear_commands_s``: as ``Snapshot.clear_commands_s``, None: the last cycle's;
-        ``unknown_racks``: ids heard off the roster, reported before those put). Pass the same mapping
-        while no clear arrives: a new one is compared with the last, rack by rack."""
+        ``unknown_racks``: ids heard off the roster, reported before those put)."""
         clears = self._clear_commands_s if clear_commands_s is None else clear_commands_s
         try:
             return self._cycle(now_s, wall_s, clears, unknown_racks)
@@ -191,11 +190,12 @@ class Engine:
     ) -> ConsolidatedState:
         last_now_s = self._memory.last_now_s
         outcomes = self._outcomes
-        if clears is not self._clear_commands_s:
+        if clears != self._clear_commands_s:  # a copy of the last cycle's: compared by value
             self._changed.update(
                 rack_id for rack_id in self._roster_at
                 if clears.get(rack_id) != self._clear_commands_s.get(rack_id)
             )
+            clears = MappingProxyType(dict(clears))
         if outcomes is None or (last_now_s is not None and now_s < last_now_s):
             outcomes = [self._outcome(rack_id, now_s, clears) for rack_id in self._roster_at]
             bank = _Bank.of(outcomes)

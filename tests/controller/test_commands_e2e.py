@@ -18,7 +18,7 @@ from shared.commands import new_key
 from shared.config import validate_config
 from shared.controller_config import ControllerConfig
 from shared.models import ProtectionFlags
-from tests.agent.helpers import wait_until
+from tests.agent.helpers import scrape_metrics, wait_until
 from tests.contract.samples import measurements, telemetry
 from tests.controller.test_service import Rig, _feed, running_service
 from tests.fixtures.broker import MosquittoBroker, free_port
@@ -42,6 +42,7 @@ def config_maker(keys: Path, state: Path) -> Callable[[MosquittoBroker, str, str
             "can": {"interface": "virtual", "channel": channel, "period_ms": 200},
             "commands": {"keys_file": str(keys)},
             "state_dir": str(state),
+            "metrics": {"enabled": True, "port": free_port()},
         }, ControllerConfig, "<test>")
 
     return make_config
@@ -124,8 +125,10 @@ async def test_refused_commands_exit_non_zero_and_release_nothing(commanded: Any
                                      "--key-id", KEY_ID, "--rack", "rack-09")
     assert code == 1 and "unknown_rack" in out
     assert bus.ccl() == 0.0
-    assert svc.commands.counters["refused_bad_signature"] == 1
-    assert svc.commands.counters["refused_unknown_rack"] == 1
+    text = await scrape_metrics(svc.config.metrics.port)
+    assert 'bmslink_controller_commands_total{outcome="refused_bad_signature"} 1.0' in text
+    assert 'bmslink_controller_commands_total{outcome="refused_unknown_rack"} 1.0' in text
+    assert 'bmslink_controller_journal_total{event="recorded"}' in text
     assert svc.state is not None and svc.state.cluster.latched_alarm
 
 
