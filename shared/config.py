@@ -110,13 +110,41 @@ class MqttConfig(Frozen):
     topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")] = "bmslink"
     client_id: Annotated[str, Field(max_length=64)] | None = None
     username: str | None = None
+    # The password: here in plain text, or read once at load from a file (password_file: e.g. a systemd
+    # credential) or from an environment variable (password_env: its name). At most one of the three.
     password: str | None = None
+    password_file: Path | None = None
+    password_env: str | None = None
     tls: TlsConfig | None = None
     keepalive_s: Annotated[int, Field(ge=1, le=600)] = 5
     # Bounds of the reconnect backoff (it doubles from min to max, back to min once connected).
     reconnect_min_s: Annotated[float, Field(gt=0, le=60)] = 0.2
     reconnect_max_s: Annotated[float, Field(gt=0, le=300)] = 2.0
     protocol: Annotated[str, Field(pattern=r"^(5|3\.1\.1)$")] = "5"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_source(cls, data: Any) -> Any:
+        """Reads the password from password_file or password_env into ``password``."""
+        if not isinstance(data, dict) or not (data.get("password_file") or data.get("password_env")):
+            return data
+        given = [key for key in ("password", "password_file", "password_env") if data.get(key) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of password, password_file, password_env (got {', '.join(given)})")
+        if data.get("password_file"):
+            path = Path(data["password_file"])
+            try:
+                secret = path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"password_file {path}: cannot read it ({exc})") from None
+            what = f"password_file {path}"
+        else:
+            name = str(data["password_env"])
+            secret = os.environ.get(name, "")
+            what = f"password_env: the environment variable {name}"
+        if not secret:
+            raise ValueError(f"{what} is empty or not set")
+        return {**data, "password": secret}
 
     @model_validator(mode="after")
     def _creds(self) -> MqttConfig:

@@ -176,3 +176,41 @@ def test_the_operator_tools_take_credentials_and_exit_non_zero_when_refused(site
         out = subprocess.run(refused, capture_output=True, text=True, timeout=60, check=False)
         assert out.returncode != 0, (refused, out.stdout)
         assert "Traceback" not in out.stderr
+
+
+async def test_a_controller_reads_its_broker_password_from_a_file_or_the_environment(
+    site_broker: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from controller.service import ControllerService  # noqa: PLC0415
+    from shared.config import validate_config  # noqa: PLC0415
+    from shared.controller_config import ControllerConfig  # noqa: PLC0415
+
+    secret = tmp_path / "ctl-a.password"
+    secret.write_text(password("ctl-a") + "\n")
+    secret.chmod(0o600)
+    monkeypatch.setenv("CTL_A_MQTT_PASSWORD", password("ctl-a"))
+    for source in ({"password_file": str(secret)}, {"password_env": "CTL_A_MQTT_PASSWORD"}):
+        config = validate_config({
+            "site_id": SITE, "node_id": "ctl-a",
+            "mqtt": {"host": "127.0.0.1", "port": site_broker.port, "username": "ctl-a", **source},
+            "roster": [{"rack_id": "rack-01", "capacity_ah": 280}],
+            "can": {"interface": "virtual", "channel": f"pw-{site_broker.port}"},
+        }, ControllerConfig, "<test>")
+        service = ControllerService(config)
+        await service.start()
+        try:
+            assert await service.mqtt.wait_connected(5), source
+        finally:
+            await service.stop()
+
+
+@pytest.mark.parametrize(("mqtt", "says"), [
+    ({"username": "u", "password": "p", "password_env": "X"}, "give one of password"),
+    ({"username": "u", "password_env": "BMSLINK_TEST_UNSET_VARIABLE"}, "is empty or not set"),
+    ({"username": "u", "password_file": "/nonexistent/secret"}, "cannot read it"),
+])
+def test_a_password_source_that_cannot_be_used_is_a_config_error(mqtt: dict[str, str], says: str) -> None:
+    from shared.config import ConfigError, validate_config  # noqa: PLC0415
+
+    with pytest.raises(ConfigError, match=says):
+        validate_config(mqtt, MqttConfig, "<test>")
