@@ -143,3 +143,38 @@ async def test_a_latched_alarm_is_released_only_by_a_signed_clear(
     finally:
         await pub.stop()
         await chain.stop()
+
+
+async def test_a_standby_started_3_s_before_the_actives_sigkill_takes_over_with_unchanged_limits(
+    tmp_path: Path, mqtt_broker: MosquittoBroker, unique_topic_prefix: str, procs: ProcessGroup,
+) -> None:
+    # Hold and ramp longer than the standby's 3 s: a cold takeover would send 0 A, then ramp.
+    chain = Chain(tmp_path, mqtt_broker, unique_topic_prefix, procs, racks=2, controllers=2, failover=True,
+                  hold_s=5.0, ramp_s=5.0)
+    try:
+        await chain.start(ctl_1_active_first=True)
+        await asyncio.sleep(chain.ramp_s)
+        granted = await chain.settle()
+        assert granted > 0
+        active = chain.recorder.active_node()
+        assert active in (1, 2)
+        standby = 3 - active
+        chain.procs.send_signal(f"ctl-{standby}", signal.SIGKILL)
+        chain.procs.get(f"ctl-{standby}").popen.wait(5)
+        started = time.monotonic()
+        chain.start_controller(f"ctl-{standby}", node_number=standby, rank=standby - 1)
+        await chain.wait_for(lambda: any(b.node == standby and b.role == 2 for b in chain.recorder.beats
+                                         if b.t > started), 15.0, "the young standby")
+        await asyncio.sleep(max(0.0, started + 3.0 - time.monotonic()))
+        before = chain.recorder.ccl()
+        killed = time.monotonic()
+        chain.procs.send_signal(f"ctl-{active}", signal.SIGKILL)
+        await chain.wait_for(lambda: chain.recorder.active_node() == standby, 5.0, "the takeover")
+        first_beat = next(b for b in chain.recorder.active_beats(killed) if b.node == standby)
+        await asyncio.sleep(1.5)
+        after = [ccl for _, ccl, _, _ in chain.recorder.limits(first_beat.t)]
+        assert after, "no limits from the new active"
+        assert after[0] == pytest.approx(before, abs=0.1)
+        assert min(after) == pytest.approx(before, abs=0.1)
+    finally:
+        await chain.stop()
