@@ -47,7 +47,7 @@ def load_unit_profiles(config: AgentConfig) -> dict[str, UnitRuntime]:
                 profile = load_profile(unit.profile)
             except ProfileError as exc:
                 raise ProfileError(f"units.{unit.name}.profile = {unit.profile!r}", exc.problems) from exc
-        units[unit.name] = UnitRuntime.create(unit, profile, config.polling)
+        units[unit.name] = UnitRuntime.create(unit, profile, config.polling, config.plausibility)
     return units
 
 
@@ -131,7 +131,10 @@ class RackAgent:
         except PollError as exc:
             if unit.discovery.attempts != discoveries:
                 self.metrics.discoveries.labels(*labels, exc.status.value).inc()
-            self._poll_failed(link, unit, exc)
+            if exc.link_failure:
+                self._poll_failed(link, unit, exc)
+            else:
+                self._reading_refused(unit, exc)
             return
         if unit.discovery.attempts != discoveries:
             self.metrics.discoveries.labels(*labels, "ok").inc()
@@ -160,6 +163,35 @@ class RackAgent:
             self._log.warning(("failed", unit.name, exc.status), "rack %s %s", self.config.rack_id, exc)
         else:
             log.debug("rack %s %s", self.config.rack_id, exc)
+
+    def _reading_refused(self, unit: UnitRuntime, exc: PollError) -> None:
+        """The BMS answered, but its reading is implausible: the unit is invalid, its link is fine.
+
+        Counted and reported (the unit's status is ``invalid_data``, the rack grants no current while
+        it is) but never towards comm loss: that would drop a working connection, and make the
+        controller show ``comm_lost`` for a BMS it hears perfectly well (issue 12).
+        """
+        labels = (self.config.rack_id, unit.name)
+        was_lost = unit.health.comm_lost
+        was_invalid = unit.health.invalid
+        unit.health.record_failure(exc)
+        self.metrics.polls.labels(*labels, exc.status.value).inc()
+        if was_lost and not unit.health.comm_lost:
+            self._log.info(("restored", unit.name), "rack %s unit %s: communication restored",
+                           self.config.rack_id, unit.name)
+            self.metrics.comm_lost.labels(*labels).set(0)
+        if was_invalid:
+            log.debug("rack %s %s", self.config.rack_id, exc)
+        else:
+            self._log.warning(("invalid", unit.name), "rack %s %s; reading refused, link kept",
+                              self.config.rack_id, exc)
+        if (
+            isinstance(unit.profile, SunSpecProfile)
+            and unit.health.consecutive_failures == self.config.polling.comm_lost_after
+        ):
+            # Nonsense that lasts may be a device re-addressed under us: read its layout again (the
+            # link is kept; discovery is a few reads), as a comm loss would.
+            unit.plan = None
 
     def _after_comm_lost(self, link: BmsLink, unit: UnitRuntime, exc: PollError) -> None:
         if isinstance(unit.profile, SunSpecProfile):
@@ -192,9 +224,13 @@ class RackAgent:
     def _build_telemetry(self) -> RackTelemetry:
         units = list(self.units.values())
         lost = any(u.health.comm_lost for u in units)
+        # A unit whose newest answer was refused as implausible: its last good reading no longer
+        # describes it. The rack is published as heard (comm ok; the unit's status says invalid_data,
+        # which the controller shows as "invalid") and, as a comm-lost one, grants no current.
+        invalid = any(u.health.invalid for u in units)
         known = [(u.name, u.health.last_good) for u in units if u.health.last_good is not None]
         measurements = merge_units(known) if known else None
-        if lost and measurements is not None:
+        if (lost or invalid) and measurements is not None:
             measurements = without_current_permission(measurements)
         self.seq += 1
         return RackTelemetry(

@@ -14,6 +14,9 @@ class PollError(Exception):
 
     status: LinkStatus = LinkStatus.INVALID_DATA
     transient: bool = True
+    # Whether the failure says something about the link: only these count towards comm loss (and so
+    # towards a reconnect). A complete answer with refused content proves the link works.
+    link_failure: bool = True
     label: str = "Error"
 
     def __init__(self, detail: str, *, unit: str | None = None, code: int | None = None) -> None:
@@ -64,6 +67,18 @@ class InvalidDataError(PollError):
 
     status = LinkStatus.INVALID_DATA
     label = "Invalid Data"
+
+
+class ImplausibleReadingError(InvalidDataError):
+    """The device answered in full, but its values are physically impossible (outside the contract's
+    bounds) or contradict each other (rack_agent/plausibility.py).
+
+    Not a link failure: the unit is reported invalid with this reason until a plausible reading
+    arrives, its link is kept (a new connection would read the same values), and it never becomes
+    comm-lost because of it.
+    """
+
+    link_failure = False
 
 
 class DeviceLayoutError(InvalidDataError):

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 from rack_agent.errors import DeviceLayoutError, PollError
 from rack_agent.health import UnitHealth
+from rack_agent.plausibility import PlausibilityRules
 from rack_agent.profiles import FlatProfile, SunSpecProfile, flat_plan
 from rack_agent.profiles.plan import RegisterPlan
-from shared.agent_config import CurrentSign, PollingConfig, UnitConfig
+from shared.agent_config import CurrentSign, PlausibilityConfig, PollingConfig, UnitConfig
 
 
 @dataclass(slots=True)
@@ -67,12 +68,18 @@ class UnitRuntime:
     # Discovery is this unit's connect step: a refused layout is retried on the link's reconnect
     # backoff (polling.reconnect_initial_s .. reconnect_max_s), never at every poll.
     discovery: DiscoveryRetry
+    # What its readings are held to before they are believed (rack_agent/plausibility.py).
+    rules: PlausibilityRules
     # For SunSpec the plan is known only after discovery on the device, and is redone after a reconnect.
     plan: RegisterPlan | None = field(default=None)
 
     @classmethod
     def create(
-        cls, config: UnitConfig, profile: FlatProfile | SunSpecProfile | None, polling: PollingConfig
+        cls,
+        config: UnitConfig,
+        profile: FlatProfile | SunSpecProfile | None,
+        polling: PollingConfig,
+        plausibility: PlausibilityConfig,
     ) -> UnitRuntime:
         plan = flat_plan(profile) if isinstance(profile, FlatProfile) else None
         return cls(
@@ -80,6 +87,7 @@ class UnitRuntime:
             profile,
             UnitHealth(config.name, polling.comm_lost_after),
             DiscoveryRetry(polling.reconnect_initial_s, polling.reconnect_max_s),
+            PlausibilityRules.for_unit(config, plausibility),
             plan,
         )
 

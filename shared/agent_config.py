@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from shared.config import CanInterfaceName, Frozen, MetricsConfig, MqttConfig, Port
-from shared.models import Identifier
+from shared.models import PACK_VOLTAGE_MAX_V, Identifier
 
 POLL_INTERVAL_MIN_MS = 100
 POLL_INTERVAL_MAX_MS = 1000
@@ -61,6 +61,10 @@ class UnitConfig(Frozen):
     current_sign: CurrentSign = CurrentSign.POSITIVE_CHARGING
     # Installed capacity, used when the BMS does not report it (profile has no capacity point).
     capacity_ah: Annotated[float, Field(gt=0, le=100_000)] | None = None
+    # Cells (series elements) in the unit's string; no profile point carries it. With it, the pack
+    # voltage must lie between this many times the lowest and the highest cell (see
+    # rack_agent/plausibility.py); without it, only "at least one cell" is checked.
+    cells_in_series: Annotated[int, Field(ge=1, le=1000)] | None = None
 
 
 class PollingConfig(Frozen):
@@ -83,6 +87,26 @@ class PublishConfig(Frozen):
     max_payload_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 64 * 1024
 
 
+class PlausibilityConfig(Frozen):
+    """How far a reading's fields may disagree before the reading is refused as invalid data."""
+
+    # The pack voltage may stray this far from cells_in_series × the lowest/highest cell: the cell
+    # and pack voltages are sampled at different instants, by different ADCs, across busbars that
+    # drop volts under load.
+    pack_tolerance_pct: Annotated[float, Field(ge=0, le=50)] = 5.0
+    pack_margin_v: Annotated[float, Field(ge=0, le=100)] = 2.0
+    # The rack's nominal pack voltage range; a reading outside it is refused (None: not checked).
+    pack_voltage_min_v: Annotated[float, Field(ge=0, le=PACK_VOLTAGE_MAX_V)] | None = None
+    pack_voltage_max_v: Annotated[float, Field(ge=0, le=PACK_VOLTAGE_MAX_V)] | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PlausibilityConfig:
+        low, high = self.pack_voltage_min_v, self.pack_voltage_max_v
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"pack_voltage_min_v ({low}) must be below pack_voltage_max_v ({high})")
+        return self
+
+
 class AgentConfig(Frozen):
     site_id: Identifier
     rack_id: Identifier
@@ -90,6 +114,7 @@ class AgentConfig(Frozen):
     polling: PollingConfig = PollingConfig()
     publish: PublishConfig = PublishConfig()
     metrics: MetricsConfig = MetricsConfig()
+    plausibility: PlausibilityConfig = PlausibilityConfig()
     links: Annotated[tuple[Link, ...], Field(min_length=1)]
     units: Annotated[tuple[UnitConfig, ...], Field(min_length=1, max_length=64)]
 

@@ -6,11 +6,13 @@ Precedence when several conditions hold (the first wins, and names the state)::
 
 The order follows how much we can trust what we hold. Without current telemetry (``stale``)
 nothing else can be judged; a newer payload that failed validation (``invalid``) means the
-last good one no longer describes the rack; a ``comm_lost`` report is a current statement by
-the agent that the BMS cannot be heard, so its measurements are old. Only a rack whose
-telemetry is current, valid and has a working BMS link (here: *reporting*) can be judged on
-its content: a rack-level fault (``faulted``) ranks above an open contactor (``disconnected``)
-so that the fault stays visible after the BMS opened its contactor because of it.
+last good one no longer describes the rack, and so does a unit the agent reports as
+``invalid_data`` (the agent refused that unit's newest reading: the BMS is heard, its data is
+not believed); a ``comm_lost`` report is a current statement by the agent that the BMS cannot
+be heard, so its measurements are old. Only a rack whose telemetry is current, valid and has a
+working BMS link (here: *reporting*) can be judged on its content: a rack-level fault
+(``faulted``) ranks above an open contactor (``disconnected``) so that the fault stays visible
+after the BMS opened its contactor because of it.
 
 Contactor ``unknown`` is treated as **closed**: the rack counts as in parallel, with its limits
 in the bank minimum. A BMS that cannot say whether its contactor is closed must not be left
@@ -33,7 +35,7 @@ from controller.core.faults import Direction, Latch, direction_of, latch_label
 from controller.core.snapshot import RackInput
 from shared.cluster import RackState
 from shared.controller_config import RosterRack
-from shared.models import ContactorState, RackCommState
+from shared.models import ContactorState, LinkStatus, RackCommState
 from shared.records import MeasurementsRecord, TelemetryRecord
 
 STALE_AFTER_POLLS = 3
@@ -88,6 +90,13 @@ def read_rack(rack_input: RackInput, roster_rack: RosterRack, site_id: str, now_
             RackState.INVALID,
             f"invalid: telemetry is for {telemetry.site_id}/{telemetry.rack_id}, "
             f"not {site_id}/{roster_rack.rack_id}",
+        )
+    # The agent refused its newest reading of a unit (a contradiction, an impossible value): the rack
+    # is heard, its data is not believed. Ahead of comm_lost, as a payload refused here would be.
+    refused = [u.unit for u in telemetry.units if u.status is LinkStatus.INVALID_DATA]
+    if refused:
+        return Reading(
+            RackState.INVALID, f"invalid: the agent refuses the data of unit {', '.join(refused)}"
         )
     if telemetry.comm_state is RackCommState.COMM_LOST or telemetry.measurements is None:
         return Reading(RackState.COMM_LOST, "comm_lost: the agent reports the BMS link lost")

@@ -18,6 +18,7 @@ import cantools
 
 from rack_agent.errors import ConnectionRefusedPollError, InvalidDataError, PollTimeoutError
 from rack_agent.links.base import BmsLink
+from rack_agent.plausibility import validated_measurements
 from rack_agent.unit import UnitRuntime
 from shared.agent_config import CanLink
 from shared.dbc import load_dbc, numeric_signals
@@ -157,7 +158,4 @@ class CanBmsLink(BmsLink):
             "contactor": contactor,
             "capacity_ah": capacity,
         }
-        try:
-            return RackMeasurements.model_validate(values)
-        except ValueError as exc:
-            raise InvalidDataError(f"implausible values from the BMS: {str(exc).splitlines()[0]}") from exc
+        return validated_measurements(values, unit.rules)

@@ -197,7 +197,8 @@ class ModbusLink(BmsLink):
         ]
         image = image_from_blocks(reads)
         return decode_measurements(
-            plan, image, capacity_ah=unit.config.capacity_ah, invert_current=unit.invert_current
+            plan, image, capacity_ah=unit.config.capacity_ah, invert_current=unit.invert_current,
+            rules=unit.rules,
         )
 
 

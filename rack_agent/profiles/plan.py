@@ -12,9 +12,8 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from pydantic import ValidationError
-
 from rack_agent.errors import InvalidDataError
+from rack_agent.plausibility import PlausibilityRules, validated_measurements
 from rack_agent.profiles.spec import RegisterType, Table
 from shared.models import ContactorState, ProtectionFlags, RackMeasurements
 
@@ -231,8 +230,11 @@ def decode_measurements(
     *,
     capacity_ah: float | None = None,
     invert_current: bool = False,
+    rules: PlausibilityRules | None = None,
 ) -> RackMeasurements:
-    """Turn a register image into validated measurements, or raise :class:`InvalidDataError`."""
+    """Turn a register image into validated measurements, or raise :class:`InvalidDataError`
+    (:class:`ImplausibleReadingError` when the values were read but are impossible alone or, under
+    ``rules``, together; without rules only the contract's own bounds apply)."""
     values: dict[str, object] = {name: _scaled(name, point, image) for name, point in plan.numeric.items()}
     if "capacity_ah" not in values:
         if capacity_ah is None:
@@ -249,12 +251,7 @@ def decode_measurements(
         raw = _integer(c.ref, read_raw(c.ref, image))
         closed = bool((raw >> c.bit) & 1) if c.bit is not None else raw in c.closed_values
         values["contactor"] = ContactorState.CLOSED if closed else ContactorState.OPEN
-    try:
-        return RackMeasurements.model_validate(values)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "measurements"
-        raise InvalidDataError(f"{where}: {first['msg']} (got {first.get('input')!r})") from exc
+    return validated_measurements(values, rules)
 
 
 def encode_raw(ref: RegRef, raw: int | float) -> list[int]:

@@ -23,10 +23,12 @@ def agent_config(
     comm_lost_after: int = 3,
     extra: dict[str, Any] | None = None,
     capacity_ah: float | None = None,
+    unit_extra: dict[str, Any] | None = None,
 ) -> AgentConfig:
     unit: dict[str, Any] = {"name": "bms", "link": link["name"], "device_id": 1, "profile": profile}
     if capacity_ah is not None:
         unit["capacity_ah"] = capacity_ah
+    unit.update(unit_extra or {})
     data: dict[str, Any] = {
         "site_id": "site-t",
         "rack_id": "rack-01",
