@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from rack_agent.errors import PollError
-from shared.models import LinkCounters, LinkStatus, RackMeasurements, UnitLink
+from shared.models import UNIT_DETAIL_MAX_CHARS, LinkCounters, LinkStatus, RackMeasurements, UnitLink
 
 
 @dataclass(slots=True)
@@ -84,4 +84,5 @@ class UnitHealth:
             consecutive_failures=self.consecutive_failures,
             last_exception_code=self.last_exception_code,
             counters=LinkCounters(**{k: v for k, v in self.counts.items() if k in LinkCounters.model_fields}),
+            detail=(self.invalid_reason or "")[:UNIT_DETAIL_MAX_CHARS],
         )

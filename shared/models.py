@@ -18,7 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 SCHEMA_MAJOR = 1
 # 1.1: ``stream_id`` (one per agent run) orders a rack's readings; 1.0 payloads lack it and are refused.
-SCHEMA_MINOR = 1
+# 1.2: ``UnitLink.detail``, why a unit is not ok (a refused reading's contradiction). A 1.1 controller
+# refuses it as an unknown field: upgrade the controllers before the agents.
+SCHEMA_MINOR = 2
+UNIT_DETAIL_MAX_CHARS = 200
 
 PACK_VOLTAGE_MAX_V = 1000.0
 CELL_VOLTAGE_MAX_V = 10.0
@@ -143,6 +146,8 @@ class UnitLink(_Frozen):
     consecutive_failures: Counter = 0
     last_exception_code: Byte | None = None
     counters: LinkCounters = LinkCounters()
+    # Why the unit is not ok, for a person: e.g. the contradiction of its refused reading ("" when ok).
+    detail: Annotated[str, Strict(), Field(max_length=UNIT_DETAIL_MAX_CHARS)] = ""
 
 
 class RackMeasurements(_Frozen):

@@ -93,11 +93,10 @@ def read_rack(rack_input: RackInput, roster_rack: RosterRack, site_id: str, now_
         )
     # The agent refused its newest reading of a unit (a contradiction, an impossible value): the rack
     # is heard, its data is not believed. Ahead of comm_lost, as a payload refused here would be.
-    refused = [u.unit for u in telemetry.units if u.status is LinkStatus.INVALID_DATA]
+    refused = [u for u in telemetry.units if u.status is LinkStatus.INVALID_DATA]
     if refused:
-        return Reading(
-            RackState.INVALID, f"invalid: the agent refuses the data of unit {', '.join(refused)}"
-        )
+        why = "; ".join(f"unit {u.unit}: {u.detail}" if u.detail else f"unit {u.unit}" for u in refused)
+        return Reading(RackState.INVALID, f"invalid: the agent refuses the data of {why}")
     if telemetry.comm_state is RackCommState.COMM_LOST or telemetry.measurements is None:
         return Reading(RackState.COMM_LOST, "comm_lost: the agent reports the BMS link lost")
     return Reading(None, "", telemetry.measurements, received_s)

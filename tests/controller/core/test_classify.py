@@ -27,7 +27,7 @@ MEASUREMENTS = RackMeasurements(
 
 
 def reported(
-    rack_id: str, *statuses: LinkStatus, comm_lost: bool = False, heard: bool = True
+    rack_id: str, *statuses: LinkStatus, comm_lost: bool = False, heard: bool = True, detail: str = ""
 ) -> TelemetryRecord:
     """Telemetry of a rack whose units' last polls ended in ``statuses`` (units u1, u2, ...)."""
     return record_of(RackTelemetry(
@@ -40,7 +40,8 @@ def reported(
         comm_state=RackCommState.COMM_LOST if comm_lost else RackCommState.OK,
         measurements=MEASUREMENTS if heard else None,
         units=tuple(
-            UnitLink(unit=f"u{i}", status=s, consecutive_failures=int(s is not LinkStatus.OK))
+            UnitLink(unit=f"u{i}", status=s, consecutive_failures=int(s is not LinkStatus.OK),
+                     detail=detail if s is LinkStatus.INVALID_DATA else "")
             for i, s in enumerate(statuses, start=1)
         ),
     ))
@@ -60,7 +61,10 @@ def _read(t: TelemetryRecord) -> tuple[RackState | None, str]:
         (reported("r1", LinkStatus.OK, LinkStatus.INVALID_DATA),
          (RackState.INVALID, "invalid: the agent refuses the data of unit u2")),
         (reported("r1", LinkStatus.INVALID_DATA, LinkStatus.INVALID_DATA),
-         (RackState.INVALID, "invalid: the agent refuses the data of unit u1, u2")),
+         (RackState.INVALID, "invalid: the agent refuses the data of unit u1; unit u2")),
+        (reported("r1", LinkStatus.INVALID_DATA, detail="cell_voltage_min_v 3.400 V above 3.300 V"),
+         (RackState.INVALID, "invalid: the agent refuses the data of unit u1: cell_voltage_min_v 3.400 V "
+                             "above 3.300 V")),
         # Invalid ranks above comm_lost: a unit never read, or a comm-lost one beside it.
         (reported("r1", LinkStatus.INVALID_DATA, comm_lost=True, heard=False),
          (RackState.INVALID, "invalid: the agent refuses the data of unit u1")),
@@ -72,7 +76,8 @@ def _read(t: TelemetryRecord) -> tuple[RackState | None, str]:
         (reported("r1", LinkStatus.CRC_ERROR), (None, "")),
         (reported("r1", LinkStatus.OK), (None, "")),
     ],
-    ids=["one", "second-of-two", "both", "never-read", "beside-comm-lost", "comm-lost", "crc", "ok"],
+    ids=["one", "second-of-two", "both", "with-why", "never-read", "beside-comm-lost", "comm-lost", "crc",
+         "ok"],
 )
 def test_agent_reported_invalid_data(t: TelemetryRecord, expected: tuple[RackState | None, str]) -> None:
     assert _read(t) == expected
