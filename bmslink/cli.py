@@ -262,6 +262,15 @@ def _cmd_events(args: argparse.Namespace) -> int:
 # -- cmd ----------------------------------------------------------------------------------------
 
 
+def _add_operator_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_broker_arguments(parser)
+    parser.add_argument("--key-file", type=Path, required=True, help="the operator's key file (TOML [keys])")
+    parser.add_argument("--key-id", required=True, help="which key of the file signs the command")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+    parser.add_argument("--json", action="store_true", help="print the reply as JSON")
+    parser.set_defaults(handler=_cmd_command)
+
+
 def _cmd_keygen(args: argparse.Namespace) -> int:
     from pydantic import ValidationError  # noqa: PLC0415
 
@@ -280,7 +289,13 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 def _cmd_command(args: argparse.Namespace) -> int:
     from bmslink.command_client import CommandClientError, as_json, describe, send_command  # noqa: PLC0415
-    from shared.commands import CommandAction, KeyFileError, load_keys, new_command  # noqa: PLC0415
+    from shared.commands import (  # noqa: PLC0415
+        MAX_FORCE_CHARGE_S,
+        CommandAction,
+        KeyFileError,
+        load_keys,
+        new_command,
+    )
 
     mqtt = _broker_config(args)
     try:
@@ -290,11 +305,18 @@ def _cmd_command(args: argparse.Namespace) -> int:
     key = keys.get(args.key_id)
     if key is None:
         raise ConfigError(args.key_file, [f"no key {args.key_id!r} in it (it has {', '.join(sorted(keys))})"])
-    if args.all == bool(args.rack):
-        raise ConfigError("<command line>", ["name the racks (--rack ID, repeatable) or give --all, "
-                                             "not both"])
-    command = new_command(CommandAction.CLEAR_LATCHES, key_id=args.key_id, site_id=args.site,
-                          racks=() if args.all else args.rack)
+    if args.cmd_command == "force-charge":
+        if not 0 < args.duration <= MAX_FORCE_CHARGE_S:
+            raise ConfigError("<command line>", [
+                f"--duration must be above 0 and at most {MAX_FORCE_CHARGE_S:g} s"])
+        command = new_command(CommandAction.FORCE_CHARGE, key_id=args.key_id, site_id=args.site,
+                              duration_s=args.duration)
+    else:
+        if args.all == bool(args.rack):
+            raise ConfigError("<command line>", ["name the racks (--rack ID, repeatable) or give --all, "
+                                                 "not both"])
+        command = new_command(CommandAction.CLEAR_LATCHES, key_id=args.key_id, site_id=args.site,
+                              racks=() if args.all else args.rack)
 
     async def main(_stop: asyncio.Event) -> int:
         try:
@@ -340,14 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser("cmd", help="send a signed operator command to the active controller")
     cmd_sub = cmd.add_subparsers(dest="cmd_command", required=True)
     clear = cmd_sub.add_parser("clear", help="clear latched alarms whose condition has cleared")
-    _add_broker_arguments(clear)
-    clear.add_argument("--key-file", type=Path, required=True, help="the operator's key file (TOML [keys])")
-    clear.add_argument("--key-id", required=True, help="which key of the file signs the command")
+    _add_operator_arguments(clear)
     clear.add_argument("--rack", action="append", default=[], help="a rack to clear (repeatable)")
     clear.add_argument("--all", action="store_true", help="clear every rack on the roster")
-    clear.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
-    clear.add_argument("--json", action="store_true", help="print the reply as JSON")
-    clear.set_defaults(handler=_cmd_command)
+    force = cmd_sub.add_parser("force-charge", help="ask the inverter to charge (within the racks' limits) "
+                                                    "for a time; the request expires by itself")
+    _add_operator_arguments(force)
+    force.add_argument("--duration", type=float, required=True, help="seconds the request stands")
     events = sub.add_parser("events", help="what a controller journaled: latches, commands, roles, racks")
     events.add_argument("--config", type=Path, help="the controller's TOML file (finds its state_dir)")
     events.add_argument("--db", type=Path, help="or the state database itself")

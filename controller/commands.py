@@ -87,6 +87,7 @@ class CommandDesk:
         roster: Callable[[], Sequence[str]],
         is_active: Callable[[], bool],
         clear_latches: Callable[[tuple[str, ...]], ClearReport | None],
+        force_charge: Callable[[float], float | None],
         publish_reply: Callable[[str, bytes], None],
         journal: Journal,
         wall_clock: Callable[[], float] = time.time,
@@ -100,6 +101,7 @@ class CommandDesk:
         self._roster = roster
         self._is_active = is_active
         self._clear_latches = clear_latches
+        self._force_charge = force_charge
         self._publish_reply = publish_reply
         self._wall = wall_clock
         self.counters: Counter[str] = Counter()  # "accepted", "refused_<reason>", "retransmitted", ...
@@ -187,6 +189,18 @@ class CommandDesk:
             what = f"released {len(report.released)} latch(es), {len(report.held)} still held"
             return CommandReply(id=command.id, node_id=self.node_id, accepted=True, reason=what,
                                 released=report.released, held=report.held, replied_s=self._wall()), True
+        if command.action is CommandAction.FORCE_CHARGE and command.duration_s is not None:
+            until = self._force_charge(command.duration_s)
+            if until is None:
+                why = "the control loop is not running yet; retry"
+                return self._refusal_reply(command, "not_ready", why, retry=True), False
+            self.counters["accepted"] += 1
+            what = (f"force-charge request set for {command.duration_s:g} s (until {until:.0f}, wall clock); "
+                    "it asks the inverter to charge within the racks' limits and expires by itself")
+            self._journal.record("command", f"{command.id} from key {command.key_id}: {what}",
+                                 level=logging.WARNING)
+            return CommandReply(id=command.id, node_id=self.node_id, accepted=True, reason=what,
+                                replied_s=self._wall()), True
         return self._refusal_reply(command, "unknown_command", f"unknown command {command.action!r}"), True
 
     def _refusal_reply(self, command: OperatorCommand, reason: str, detail: str, *,

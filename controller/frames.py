@@ -535,12 +535,13 @@ class FrameEncoder:
             values[warning] = ok if flags.isdisjoint(d.warnings) else raised
         return values
 
-    def _request(self, _state: ConsolidatedState, d: _Decision) -> dict[str, int]:
-        # Force-charge and full-charge requests are not part of the consolidated state: never set.
+    def _request(self, state: ConsolidatedState, d: _Decision) -> dict[str, int]:
+        # An operator's force-charge request, only while charging is enabled: with CCL 0 it would ask
+        # the inverter for what the limits forbid. Full-charge and request II are never set.
         return {
             "ChargeEnable": int(d.charge_enabled),
             "DischargeEnable": int(d.discharge_enabled),
-            "ForceChargeRequestI": 0,
+            "ForceChargeRequestI": int(state.force_charge_request and d.charge_enabled),
             "ForceChargeRequestII": 0,
             "FullChargeRequest": 0,
         }

@@ -102,6 +102,7 @@ class ControllerService:
         self._reported: ConsolidatedState | None = None  # the last state compared for the journal
         self._limit_reasons = ("", "")
         self._clear_commands_s: Mapping[str, float] = MappingProxyType({})
+        self._force_charge_until_s: float | None = None  # monotonic; never carried over a restart
         failover = config.failover
         self.can = CanPort(
             config.can, on_frame=self._on_can_frame, on_reopened=self._on_can_reopened,
@@ -122,7 +123,8 @@ class ControllerService:
             site_id=config.site_id, node_id=config.node_id, keys=command_keys(config),
             store=CommandStore(self.state_db), window_s=config.commands.window_s,
             roster=lambda: self.table.roster, is_active=lambda: self.link.role is Role.ACTIVE,
-            clear_latches=self.clear_latched_alarms, publish_reply=self._publish_reply, journal=self.journal,
+            clear_latches=self.clear_latched_alarms, force_charge=self.request_force_charge,
+            publish_reply=self._publish_reply, journal=self.journal,
             wall_clock=wall_clock,
         )
         self.latch_share = LatchShare(
@@ -173,6 +175,16 @@ class ControllerService:
                      for flag, latch in after.items()]
         return ClearReport(tuple(released), tuple(held))
 
+    def request_force_charge(self, duration_s: float) -> float | None:
+        """An accepted force-charge request: the dialect's request flag for ``duration_s`` (while charging
+        is enabled), then dropped by itself. Returns its end on the wall clock; None while the control
+        loop is not running yet."""
+        if not self.loop.controlling:
+            return None
+        self._force_charge_until_s = self._monotonic() + duration_s
+        self.loop.wake()
+        return self._wall() + duration_s
+
     def _latches(self, rack_id: str) -> Mapping[str, Latch]:
         memory = self.engine.memory.racks.get(rack_id)
         return memory.latches if memory is not None else {}
@@ -205,6 +217,12 @@ class ControllerService:
             self.engine.put(rack_input)
         state = self.engine.cycle(now, self._wall(), clear_commands_s=self._clear_commands_s,
                                   unknown_racks=self.table.unknown_ids())
+        if self._force_charge_until_s is not None:
+            if now < self._force_charge_until_s:
+                state = state.model_copy(update={"force_charge_request": True})
+            else:
+                self._force_charge_until_s = None
+                self.journal.record("command", "force-charge request expired", level=logging.WARNING)
         self._note_latches()
         self._journal_changes(state)
         return state

@@ -87,6 +87,9 @@ class ConsolidatedState(_Frozen):
     discharge_voltage_limit_v: PackVolts
     charge_enabled: Flag
     discharge_enabled: Flag
+    # An operator's time-bounded force-charge request is in force (the dialect's request flag; it
+    # asks the inverter to charge within the limits above, and never changes them).
+    force_charge_request: Flag = False
     # Why: e.g. "CCL 112 A = rack-03 (cell 3.43 V taper) × 4 eligible, ramping".
     ccl_reason: Text = ""
     dcl_reason: Text = ""

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from shared.models import SCHEMA_MAJOR, SCHEMA_MINOR, Byte, Identifier, Timestamp
 
@@ -43,6 +43,7 @@ KEY_BYTES = 32  # HMAC-SHA256 keys: 32 random bytes, written as 64 hex digits
 SIGNATURE_BYTES = 32
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_RACKS_PER_COMMAND = 1000
+MAX_FORCE_CHARGE_S = 4 * 3600.0
 # systemd's LoadCredential= puts the file here, under $CREDENTIALS_DIRECTORY.
 CREDENTIAL_NAME = "bmslink-command-keys"
 
@@ -58,6 +59,7 @@ class _Frozen(BaseModel):
 
 class CommandAction(StrEnum):
     CLEAR_LATCHES = "clear_latches"  # release latched alarms whose condition has cleared
+    FORCE_CHARGE = "force_charge"  # set the inverter's force-charge request for duration_s, then drop it
 
 
 class OperatorCommand(_Frozen):
@@ -70,6 +72,17 @@ class OperatorCommand(_Frozen):
     action: CommandAction
     # The racks it applies to; empty: every rack on the roster.
     racks: Annotated[tuple[Identifier, ...], Field(max_length=MAX_RACKS_PER_COMMAND)] = ()
+    # force_charge: how long the request stands (it expires by itself); no other command takes it.
+    duration_s: Annotated[float, Strict(), Field(gt=0, le=MAX_FORCE_CHARGE_S, allow_inf_nan=False)] | None = (
+        None)
+
+    @model_validator(mode="after")
+    def _duration(self) -> OperatorCommand:
+        if (self.action is CommandAction.FORCE_CHARGE) != (self.duration_s is not None):
+            raise ValueError("duration_s is required by force_charge and taken by no other command")
+        if self.action is CommandAction.FORCE_CHARGE and self.racks:
+            raise ValueError("force_charge is a request to the inverter for the whole bank: name no racks")
+        return self
 
 
 class LatchNote(_Frozen):
@@ -182,10 +195,10 @@ def decode_request(payload: bytes) -> SignedRequest:
 
 
 def new_command(action: CommandAction, *, key_id: str, site_id: str, racks: Sequence[str] = (),
-                issued_s: float | None = None) -> OperatorCommand:
+                issued_s: float | None = None, duration_s: float | None = None) -> OperatorCommand:
     return OperatorCommand(id=secrets.token_hex(16), key_id=key_id, site_id=site_id,
                            issued_s=time.time() if issued_s is None else issued_s, action=action,
-                           racks=tuple(racks))
+                           racks=tuple(racks), duration_s=duration_s)
 
 
 # -- keys --------------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ answered; a good one runs once; its retransmission gets the same answer; a repla
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from controller.command_store import CommandStore
@@ -20,6 +22,7 @@ from shared.commands import (
     OperatorCommand,
     encode_request,
     new_command,
+    sign,
 )
 
 KEY = bytes(range(32))
@@ -36,10 +39,12 @@ class Site:
         self.cleared: list[tuple[str, ...]] = []
         self.replies: list[tuple[str, CommandReply]] = []
         self.events: list[bytes] = []
+        self.forced: list[float] = []
         self.desk = CommandDesk(
             site_id="site-a", node_id="ctl-a", keys={"alice": KEY}, store=store, window_s=30.0,
             roster=lambda: ("rack-01", "rack-02"), is_active=lambda: self.active,
-            clear_latches=self._clear, publish_reply=self._reply, wall_clock=lambda: self.now,
+            clear_latches=self._clear, force_charge=self._force, publish_reply=self._reply,
+            wall_clock=lambda: self.now,
             journal=Journal(store.state.db, site_id="site-a", node_id="ctl-a", publish=self.events.append,
                             wall_clock=lambda: self.now),
         )
@@ -49,6 +54,12 @@ class Site:
             return None
         self.cleared.append(racks)
         return ClearReport((LatchNote(rack_id=racks[0], flag="cell_over_voltage"),), ())
+
+    def _force(self, duration_s: float) -> float | None:
+        if not self.ready:
+            return None
+        self.forced.append(duration_s)
+        return self.now + duration_s
 
     def _reply(self, command_id: str, payload: bytes) -> None:
         self.replies.append((command_id, Decoder(CommandReply).decode(payload)))
@@ -184,3 +195,23 @@ def test_a_command_before_the_loop_runs_is_refused_as_not_ready(tmp_path: Path) 
     reply = site.send(payload)
     assert reply is not None and reply.accepted
     assert site.cleared == [("rack-01",)]
+
+
+def test_a_force_charge_request_is_set_for_its_duration(site: Site) -> None:
+    command = new_command(CommandAction.FORCE_CHARGE, key_id="alice", site_id="site-a", duration_s=600,
+                          issued_s=NOW)
+    reply = site.send(encode_request(command, KEY))
+    assert reply is not None and reply.accepted and "600 s" in reply.reason
+    assert site.forced == [600.0] and site.cleared == []
+
+
+def test_a_force_charge_without_a_duration_or_with_racks_is_malformed(site: Site) -> None:
+    body = command().model_dump(mode="json")
+    for wrong in ({"action": "force_charge", "racks": []}, {"action": "force_charge", "duration_s": 60.0},
+                  {"action": "force_charge", "racks": [], "duration_s": 1e9},
+                  {"action": "clear_latches", "duration_s": 60.0}):
+        payload = json.dumps({**body, **wrong}).encode()
+        request = {"v": 1, "key_id": "alice", "body": payload, "signature": sign(payload, KEY)}
+        reply = site.send(msgpack.packb(request))
+        assert reply is not None and reply.reason.startswith("malformed"), wrong
+    assert site.forced == []

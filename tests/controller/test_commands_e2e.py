@@ -7,16 +7,19 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import can
 import pytest
 
+from controller.frames import FrameDecoder
 from shared.codec import encode
 from shared.commands import new_key
 from shared.config import validate_config
-from shared.controller_config import ControllerConfig
+from shared.controller_config import ControllerConfig, Dialect
 from shared.models import ProtectionFlags
 from tests.agent.helpers import scrape_metrics, wait_until
 from tests.contract.samples import measurements, telemetry
@@ -58,11 +61,12 @@ async def commanded(mqtt_broker: MosquittoBroker, unique_topic_prefix: str,
         yield rig, keys
 
 
-async def bmslink_cmd(broker_port: int, prefix: str, *args: str,
-                      timeout: float = 5.0) -> tuple[int, str, str]:
-    """``bmslink cmd clear ...`` as an operator runs it: (exit status, stdout, stderr)."""
+async def bmslink_cmd(broker_port: int, prefix: str, *args: str, timeout: float = 5.0,
+                      action: str = "clear") -> tuple[int, str, str]:
+    """``bmslink cmd clear ...`` (or another ``action``) as an operator runs it: (exit status, stdout,
+    stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bmslink", "cmd", "clear", "--host", "127.0.0.1", "--port", str(broker_port),
+        sys.executable, "-m", "bmslink", "cmd", action, "--host", "127.0.0.1", "--port", str(broker_port),
         "--prefix", prefix, "--timeout", str(timeout), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
@@ -209,3 +213,60 @@ async def test_a_lost_state_database_is_said_and_keeps_what_the_racks_show(
         await _feed(pub, topics, 100.0, 0.5, start_seq=seq + 1)
         assert bus.ccl() == 0.0
     assert [p.name for p in state.iterdir() if ".corrupt-" in p.name]
+
+
+class RequestFlags:
+    """The 0x35C force-charge request bit on the inverter bus, with arrival times."""
+
+    def __init__(self, channel: str) -> None:
+        self.bus = can.Bus(interface="virtual", channel=channel)
+        self.decoder = FrameDecoder(Dialect.PYLON)
+        self.seen: list[tuple[float, int]] = []
+        self.notifier = can.Notifier(self.bus, [self._rx], loop=asyncio.get_running_loop())
+
+    def _rx(self, msg: can.Message) -> None:
+        if msg.arbitration_id == 0x35C:
+            bit = int(self.decoder.decode(0x35C, msg.data)["ForceChargeRequestI"])
+            self.seen.append((time.monotonic(), bit))
+
+    def last(self) -> int:
+        return self.seen[-1][1] if self.seen else -1
+
+    def close(self) -> None:
+        self.notifier.stop()
+        self.bus.shutdown()
+
+
+async def test_a_force_charge_request_stands_for_its_duration_and_never_with_charging_stopped(
+    commanded: Any,
+) -> None:
+    rig, keys = commanded
+    svc, bus, pub, topics = rig
+    flags = RequestFlags(svc.config.can.channel)
+    operator = ["--site", "site-a", "--key-file", str(keys), "--key-id", KEY_ID, "--duration", "2"]
+    try:
+        seq = await _feed(pub, topics, 100.0, 1.0)
+        assert flags.last() == 0
+        code, out, err = await bmslink_cmd(svc.config.mqtt.port, topics.prefix, *operator,
+                                           action="force-charge")
+        assert code == 0 and "force-charge request set for 2 s" in out, err
+        await wait_until(lambda: flags.last() == 1, 2.0, "the request flag on the bus")
+        assert bus.ccl() == pytest.approx(200.0)  # the limits are what the racks allow, unchanged
+        set_at = next(t for t, bit in flags.seen if bit == 1)
+        seq = await _feed(pub, topics, 100.0, 2.0, start_seq=seq)
+        await wait_until(lambda: flags.last() == 0, 2.0, "the request expired by itself")
+        cleared_at = next(t for t, bit in flags.seen if t > set_at and bit == 0)
+        assert 1.5 < cleared_at - set_at < 3.0
+
+        # With charging stopped (a latched charge-side alarm: CCL 0), a request is accepted but never
+        # asks the inverter to charge.
+        await _raise_alarm(rig, seq)
+        code, out, err = await bmslink_cmd(svc.config.mqtt.port, topics.prefix, *operator,
+                                           action="force-charge")
+        assert code == 0, err
+        n = len(flags.seen)
+        await _feed(pub, topics, 100.0, 1.0, start_seq=seq + 1)
+        assert flags.seen[n:] and all(bit == 0 for _, bit in flags.seen[n:])
+        assert bus.ccl() == 0.0
+    finally:
+        flags.close()
