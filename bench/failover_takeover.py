@@ -150,7 +150,12 @@ async def run(trials: int, warm_trials: int, lead_s: float) -> int:
                     takeover, gap = await trial(chain, sig)
                     takeovers.append(takeover)
                     gaps.append(gap)
-                overlaps = len(chain.recorder.overlaps(CONTROLLER_BEAT_S, since))
+                pairs = chain.recorder.overlaps(CONTROLLER_BEAT_S, since)
+                overlaps = len(pairs)
+                for a, b in pairs:  # what an overlap was, to find out why
+                    later_ms = (b.t - a.t) * 1000
+                    print(f"  overlap: node {a.node} role {a.role} epoch {a.epoch} at {a.t - since:.3f} s, "
+                          f"then node {b.node} role {b.role} epoch {b.epoch} {later_ms:.1f} ms later")
                 print(f"{sig.name:>8} {statistics.median(takeovers) * 1000:>10.0f} ms "
                       f"{pct(takeovers, 0.99) * 1000:>4.0f} ms"
                       f" {max(takeovers) * 1000:>4.0f} ms {statistics.median(gaps) * 1000:>5.0f} ms "

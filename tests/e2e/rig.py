@@ -46,6 +46,20 @@ class Beat:
     epoch: int
 
 
+def _bus_time(msg: can.Message) -> float:
+    """When the frame was on the bus, on this process's monotonic clock.
+
+    The recorder's callback runs on the test's event loop, which may be busy when the frame arrives;
+    stamping it then would bunch frames sent far apart (and could count two transmitters at once
+    that never were). The bridge's virtual bus stamps each frame with the wall clock when it takes
+    it; the delay since is taken off. A stamp that makes no sense (in the future, or seconds old) is
+    not used.
+    """
+    now = time.monotonic()
+    late_s = time.time() - msg.timestamp
+    return now - late_s if 0.0 <= late_s < 5.0 else now
+
+
 @dataclass
 class Recorder:
     """Every frame on the inverter bus, decoded, with the time this process received it."""
@@ -61,15 +75,16 @@ class Recorder:
     def __call__(self, msg: can.Message) -> None:
         if msg.is_error_frame:
             return
+        t = _bus_time(msg)
         if msg.arbitration_id == CONTROLLER_HEARTBEAT_ID:
             d = msg.data
-            self.beats.append(Beat(time.monotonic(), d[0], d[1] & 0x0F, int.from_bytes(d[2:6], "little")))
+            self.beats.append(Beat(t, d[0], d[1] & 0x0F, int.from_bytes(d[2:6], "little")))
             return
         if not self._decoder.knows(msg.arbitration_id):
             self.foreign.append(msg.arbitration_id)
             return
         values = self._decoder.decode(msg.arbitration_id, msg.data)
-        self.samples.append(Sample(time.monotonic(), msg.arbitration_id, values))
+        self.samples.append(Sample(t, msg.arbitration_id, values))
 
     def limits(self, since: float = 0.0) -> list[tuple[float, float, float, float]]:
         """(t, CCL, DCL, CVL) of every 0x351 since ``since``."""
