@@ -134,16 +134,20 @@ class CommandDesk:
             return
         reply, final = self._execute(command)
         encoded = encode(reply)
-        if final:  # a transient refusal (not_ready) is not remembered: the sender's retry may run
-            self.store.remember(command.id, command.issued_s, body_sha256, encoded)
-            self.store.forget_issued_before(self._wall() - 2 * self.window_s)
-        self._publish_reply(command.id, encoded)
+        if not final:  # a transient refusal (not_ready) is not remembered: the sender's retry may run
+            self._publish_reply(command.id, encoded)
+            return
+        # The reply goes out once the command is on disk: a restart never forgets an answered one.
+        self.store.remember(command.id, command.issued_s, body_sha256, encoded,
+                            forget_before_s=self._wall() - 2 * self.window_s,
+                            then=lambda: self._publish_reply(command.id, encoded))
 
     def note_answered(self, command_id: str, reply: bytes) -> None:
         """Another controller accepted this command (we were standby): after a takeover, the same id
         gets that reply again and is never run here."""
         if self.store.seen(command_id) is None:
-            self.store.remember(command_id, self._wall(), ANSWERED_ELSEWHERE, reply)
+            self.store.remember(command_id, self._wall(), ANSWERED_ELSEWHERE, reply,
+                                forget_before_s=self._wall() - 2 * self.window_s)
 
     def _authenticate(self, request: SignedRequest) -> tuple[OperatorCommand, bytes]:
         key = self.keys.get(request.key_id)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 
+from controller.state_db import StateDb
 from shared.cluster import JournalEvent
 from shared.codec import encode
 from shared.logthrottle import ThrottledLog
@@ -31,10 +32,10 @@ TRIM_EVERY = 1_000  # rows appended between trims
 
 
 class Journal:
-    def __init__(self, db: sqlite3.Connection | None, *, site_id: str, node_id: str,
+    def __init__(self, state: StateDb | None, *, site_id: str, node_id: str,
                  publish: Callable[[bytes], None], wall_clock: Callable[[], float] = time.time,
                  max_rows: int = MAX_ROWS) -> None:
-        self._db = db
+        self._state = state
         self.site_id = site_id
         self.node_id = node_id
         self._publish = publish
@@ -42,7 +43,6 @@ class Journal:
         self.max_rows = max_rows
         self._pending: list[JournalEvent] = []
         self._since_trim = 0
-        self.write_errors = 0
         self.recorded = 0
         self.suppressed = 0
         self._throttled = ThrottledLog(log)
@@ -76,22 +76,23 @@ class Journal:
             return
         for event in events:
             self._publish(encode(event))
-        if self._db is None:
+        if self._state is None:
             return
-        try:
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany(
-                    "INSERT INTO journal (wall_s, node_id, kind, rack_id, text) VALUES (?, ?, ?, ?, ?)",
-                    [(e.timestamp_s, e.node_id, e.kind, e.rack_id, e.text) for e in events])
-                self._since_trim += len(events)
-                if self._since_trim >= TRIM_EVERY:
-                    self._since_trim = 0
-                    self._db.execute("DELETE FROM journal WHERE seq <= (SELECT MAX(seq) FROM journal) - ?",
-                                     (self.max_rows,))
-        except sqlite3.Error:
-            self.write_errors += len(events)
-            self._throttled.exception("write", "journal: could not write %d event(s)", len(events))
+        self._since_trim += len(events)
+        trim = self._since_trim >= TRIM_EVERY
+        if trim:
+            self._since_trim = 0
+        rows = [(e.timestamp_s, e.node_id, e.kind, e.rack_id, e.text) for e in events]
+        max_rows = self.max_rows
+
+        def change(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "INSERT INTO journal (wall_s, node_id, kind, rack_id, text) VALUES (?, ?, ?, ?, ?)", rows)
+            if trim:
+                db.execute("DELETE FROM journal WHERE seq <= (SELECT MAX(seq) FROM journal) - ?", (max_rows,))
+
+        # On the state database's writer thread: a slow disk never stalls the loop (state_db.py).
+        self._state.write(change, what=f"{len(rows)} journal event(s)")
 
 
 EventRow = tuple[int, float, str, str, str, str]  # seq, wall time, node, kind, rack, text

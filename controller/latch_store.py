@@ -9,6 +9,7 @@ only the pairs and the wall time each was first written are stored.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -21,7 +22,8 @@ Latched = Mapping[str, frozenset[str]]  # rack id → latched alarm names
 
 class LatchStore:
     def __init__(self, state: StateDb) -> None:
-        self._db = state.db
+        self._state = state
+        self._db = state.db  # reads, at start
 
     def load(self) -> dict[str, frozenset[str]]:
         found: dict[str, set[str]] = {}
@@ -30,14 +32,17 @@ class LatchStore:
         return {rack_id: frozenset(flags) for rack_id, flags in found.items()}
 
     def save(self, latched: Latched, wall_s: float) -> None:
-        """Replace the stored set by ``latched`` (one transaction; a pair kept keeps its first time)."""
+        """Replace the stored set by ``latched`` (one transaction, on the state database's writer; a
+        pair kept keeps its first time)."""
         pairs = {(rack_id, flag) for rack_id, flags in latched.items() for flag in flags}
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            stored = {(str(r), str(f)) for r, f in self._db.execute("SELECT rack_id, flag FROM latches")}
-            self._db.executemany("DELETE FROM latches WHERE rack_id = ? AND flag = ?", sorted(stored - pairs))
-            self._db.executemany("INSERT INTO latches (rack_id, flag, since_wall_s) VALUES (?, ?, ?)",
-                                 [(r, f, wall_s) for r, f in sorted(pairs - stored)])
+
+        def change(db: sqlite3.Connection) -> None:
+            stored = {(str(r), str(f)) for r, f in db.execute("SELECT rack_id, flag FROM latches")}
+            db.executemany("DELETE FROM latches WHERE rack_id = ? AND flag = ?", sorted(stored - pairs))
+            db.executemany("INSERT INTO latches (rack_id, flag, since_wall_s) VALUES (?, ?, ?)",
+                           [(r, f, wall_s) for r, f in sorted(pairs - stored)])
+
+        self._state.write(change, what="the latched alarms")
 
 
 def restored_memory(latched: Latched, roster: tuple[str, ...], now_s: float) -> CoreMemory:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -94,10 +93,9 @@ class ControllerService:
         self.state_db = StateDb(state_db_path(config.state_dir, config.node_id), wall_clock=wall_clock())
         self.latch_store = LatchStore(self.state_db)
         self._latched: dict[str, frozenset[str]] = self.latch_store.load()
-        self._latch_save_pending = False
         self.engine = Engine(config, restored_memory(self._latched, self.table.roster, monotonic()))
         self.warm = WarmStandby(config)
-        self.journal = Journal(self.state_db.db, site_id=config.site_id, node_id=config.node_id,
+        self.journal = Journal(self.state_db, site_id=config.site_id, node_id=config.node_id,
                                publish=self._publish_event, wall_clock=wall_clock)
         self._reported: ConsolidatedState | None = None  # the last state compared for the journal
         self._limit_reasons = ("", "")
@@ -261,9 +259,8 @@ class ControllerService:
         self._schedule_latch_save()
 
     def _schedule_latch_save(self) -> None:
-        if not self._latch_save_pending:
-            self._latch_save_pending = True
-            asyncio.get_running_loop().call_soon(self._save_latches)
+        # On the state database's writer thread, in order: the frames of this cycle are not held up.
+        self.latch_store.save(dict(self._latched), self._wall())
 
     def _share_latches(self) -> None:
         """The active publishes its latches (controller/latch_share.py); a standby never does."""
@@ -292,17 +289,6 @@ class ControllerService:
         self._share_latches()
         self._schedule_latch_save()
         self.loop.wake()
-
-    def _save_latches(self) -> None:
-        self._latch_save_pending = False
-        try:
-            self.latch_store.save(self._latched, self._wall())
-        except sqlite3.Error:
-            # The latch holds in memory; only a restart before the next good write would forget it.
-            self.stats.state_write_errors += 1
-            log.exception("could not write the latched alarms to %s", self.state_db.path)
-
-    # -- wiring: rare calls made before their receiver exists (see the module docstring) -----
 
     def _on_can_frame(self, msg: can.Message, now_s: float) -> None:
         self.link.on_can_frame(msg, now_s)
@@ -407,8 +393,8 @@ class ControllerService:
     @property
     def journal_counts(self) -> Mapping[str, int]:
         j = self.journal
-        return {"recorded": j.recorded, "suppressed": j.suppressed, "write_errors": j.write_errors,
-                "state_write_errors": self.stats.state_write_errors}
+        return {"recorded": j.recorded, "suppressed": j.suppressed,
+                "state_write_errors": self.state_db.write_errors}
 
     @property
     def can_healthy(self) -> bool:
@@ -473,10 +459,8 @@ class ControllerService:
         if self.modbus is not None:
             await self.modbus.stop()
         self.metrics.close()
-        if self._latch_save_pending:  # the stop came before the write: write it now
-            self._save_latches()
         self.journal.flush()
-        self.state_db.close()
+        self.state_db.close()  # the writes given so far are finished first
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()

@@ -22,4 +22,3 @@ class ControllerStats:
     heartbeats_sent: int = 0
     heartbeats_skipped: int = 0  # heartbeat deadlines passed over because a set was more than a period late
     resumed_sets: int = 0  # sets sent at once because the CAN bus was (re)opened
-    state_write_errors: int = 0  # the state database could not be written (latches, commands)

@@ -45,7 +45,7 @@ class Site:
             roster=lambda: ("rack-01", "rack-02"), is_active=lambda: self.active,
             clear_latches=self._clear, force_charge=self._force, publish_reply=self._reply,
             wall_clock=lambda: self.now,
-            journal=Journal(store.state.db, site_id="site-a", node_id="ctl-a", publish=self.events.append,
+            journal=Journal(store.state, site_id="site-a", node_id="ctl-a", publish=self.events.append,
                             wall_clock=lambda: self.now),
         )
 
@@ -78,7 +78,7 @@ def command(**overrides: object) -> OperatorCommand:
 
 
 def store(path: Path | None, wall_s: float) -> CommandStore:
-    return CommandStore(StateDb(path, wall_clock=wall_s))
+    return CommandStore(StateDb(path, wall_clock=wall_s, background=False))
 
 
 @pytest.fixture

@@ -3,10 +3,14 @@ rate-limited under a key, and read back by the CLI as a person would."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,9 +23,9 @@ from shared.codec import Decoder
 
 
 def journal(path: Path, published: list[bytes], **kwargs: object) -> tuple[StateDb, Journal]:
-    state = StateDb(path)
+    state = StateDb(path, background=False)  # writes done when record returns
     clock = iter(float(t) for t in range(1_800_000_000, 1_900_000_000))
-    return state, Journal(state.db, site_id="site-a", node_id="ctl-a", publish=published.append,
+    return state, Journal(state, site_id="site-a", node_id="ctl-a", publish=published.append,
                           wall_clock=lambda: next(clock), **kwargs)  # type: ignore[arg-type]
 
 
@@ -88,3 +92,26 @@ def test_bmslink_events_prints_the_story_and_says_what_is_wrong(tmp_path: Path) 
                       ([], "--config")):
         out = bmslink_events(*bad)
         assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr
+
+
+async def test_writes_run_off_the_event_loop_and_then_comes_back_to_it(tmp_path: Path) -> None:
+    """A slow disk (here a 0.2 s write) never holds up the loop; what waits for it runs on the loop."""
+    state = StateDb(tmp_path / "s.sqlite3")
+    loop_thread = threading.current_thread()
+    ran_on: list[threading.Thread] = []
+    done = asyncio.Event()
+
+    def change(_db: sqlite3.Connection) -> None:
+        ran_on.append(threading.current_thread())
+        time.sleep(0.2)
+
+    def then() -> None:
+        ran_on.append(threading.current_thread())
+        done.set()
+
+    started = time.monotonic()
+    state.write(change, what="a slow write", then=then)
+    assert time.monotonic() - started < 0.05
+    await asyncio.wait_for(done.wait(), 5)
+    assert ran_on[0] is not loop_thread and ran_on[1] is loop_thread
+    state.close()
