@@ -4,7 +4,10 @@ answered; a good one runs once; its retransmission gets the same answer; a repla
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
@@ -77,8 +80,24 @@ def command(**overrides: object) -> OperatorCommand:
     return base.model_copy(update=overrides)
 
 
+_OPEN: list[StateDb] = []
+
+
 def store(path: Path | None, wall_s: float) -> CommandStore:
-    return CommandStore(StateDb(path, wall_clock=wall_s, background=False))
+    state = StateDb(path, wall_clock=wall_s, background=False)
+    _OPEN.append(state)
+    return CommandStore(state)
+
+
+@pytest.fixture(autouse=True)
+def _close_databases() -> Iterator[None]:
+    """Every database a test opened is closed with it (not left to the collector, whose timing would
+    move a later test's count of open file descriptors)."""
+    yield
+    while _OPEN:
+        state = _OPEN.pop()
+        with contextlib.suppress(sqlite3.ProgrammingError):  # closed by the test already
+            state.close()
 
 
 @pytest.fixture
