@@ -106,9 +106,11 @@ def _load_controller_config(path: Path) -> ControllerConfig:
 
 
 def _cmd_controller(args: argparse.Namespace) -> int:
+    from controller.commands import command_keys  # noqa: PLC0415
     from controller.service import ControllerService  # noqa: PLC0415
 
     config = _load_controller_config(args.config)
+    command_keys(config, source=args.config)  # a key file that cannot be used is a config error too
     if args.check_config:
         print(
             f"{args.config}: ok (site {config.site_id}, node {config.node_id}, {len(config.roster)} rack(s))"

@@ -21,6 +21,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 from controller.command_store import CommandStore
@@ -44,16 +45,18 @@ from shared.controller_config import ControllerConfig
 log = logging.getLogger(__name__)
 
 
-def command_keys(config: ControllerConfig, environ: Mapping[str, str] = os.environ) -> Mapping[str, bytes]:
+def command_keys(config: ControllerConfig, environ: Mapping[str, str] = os.environ, *,
+                 source: Path | str | None = None) -> Mapping[str, bytes]:
     """The operators' keys: ``commands.keys_file``, else systemd's credential, else none (every command
-    is then refused). ConfigError when the file cannot be used."""
+    is then refused). ConfigError when the file cannot be used, naming ``source`` (the config file)
+    when given, else the key file."""
     path = config.commands.keys_file or credential_path(environ)
     if path is None:
         return {}
     try:
         return load_keys(path)
     except KeyFileError as exc:
-        raise ConfigError(path, [str(exc)]) from None
+        raise ConfigError(source or path, [f"commands.keys_file: {exc}"]) from None
 
 
 # The body hash stored for a command another controller answered (its bytes were not seen here).

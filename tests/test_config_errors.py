@@ -68,6 +68,13 @@ def _directory(path: Path) -> None:
     path.mkdir()
 
 
+def _exposed_keys(path: Path) -> None:
+    keys = path.with_name("keys.toml")
+    keys.write_text(f'[keys]\nalice = "{"ab" * 32}"\n')
+    keys.chmod(0o644)
+    path.write_text(CONTROLLER + f'\n[commands]\nkeys_file = "{keys}"\n')
+
+
 CASES: list[tuple[str, str, Writer, str]] = [
     ("agent", "not utf-8", _bytes(AGENT.encode() + b'\nnote = "\xff\xfe"\n'), "not UTF-8"),
     ("controller", "not utf-8", _bytes(b"\xff" + CONTROLLER.encode()), "not UTF-8"),
@@ -90,6 +97,7 @@ CASES: list[tuple[str, str, Writer, str]] = [
      "metrics.host"),
     ("controller", "unknown CAN interface", _text(CONTROLLER.replace('"virtual"', '"nosuchiface"')),
      "unknown CAN interface 'nosuchiface'"),
+    ("controller", "command keys readable by others", _exposed_keys, "commands.keys_file"),
     ("agent", "unknown CAN interface", _text(
         AGENT + '\n[[links]]\ntype = "can"\nname = "bus"\ninterface = "nosuchiface"\n'),
      "unknown CAN interface 'nosuchiface'"),
