@@ -35,10 +35,6 @@ class CommandStore:
         self.horizon_s = state.created_s
         self._writing: dict[str, Seen] = {}  # remembered, their write not done yet
 
-    @property
-    def note(self) -> str:
-        return self.state.note
-
     def seen(self, command_id: str) -> Seen | None:
         writing = self._writing.get(command_id)
         if writing is not None:

@@ -29,7 +29,6 @@ from controller.journal import Journal
 from shared.codec import encode
 from shared.commands import (
     CommandAction,
-    CommandRefusedError,
     CommandReply,
     KeyFileError,
     LatchNote,
@@ -38,6 +37,9 @@ from shared.commands import (
     credential_path,
     decode_request,
     load_keys,
+)
+from shared.commands import (
+    CommandRefusedError as Refused,
 )
 from shared.config import ConfigError
 from shared.controller_config import ControllerConfig
@@ -68,12 +70,6 @@ class ClearReport(NamedTuple):
 
     released: tuple[LatchNote, ...]
     held: tuple[LatchNote, ...]
-
-
-class Refusal(Exception):  # noqa: N818 - a refusal is an outcome, not an error of ours
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 class CommandDesk:
@@ -116,13 +112,13 @@ class CommandDesk:
             return
         try:
             request = decode_request(payload)
-        except CommandRefusedError as exc:
+        except Refused as exc:
             self._refused(None, exc.reason, str(exc))
             return
         reply_to = request.claimed_id()
         try:
             command, body_sha256 = self._authenticate(request)
-        except (Refusal, CommandRefusedError) as exc:
+        except Refused as exc:
             self._refused(reply_to, exc.reason, str(exc))
             return
         seen = self.store.seen(command.id)
@@ -155,21 +151,21 @@ class CommandDesk:
     def _authenticate(self, request: SignedRequest) -> tuple[OperatorCommand, bytes]:
         key = self.keys.get(request.key_id)
         if key is None:
-            raise Refusal("unknown_key", f"unknown key id {request.key_id!r}" + (
+            raise Refused("unknown_key", f"unknown key id {request.key_id!r}" + (
                 "" if self.keys else " (no command keys are configured on this controller)"))
         if not request.verify(key):
-            raise Refusal("bad_signature", f"signature does not verify with key {request.key_id!r}")
+            raise Refused("bad_signature", f"signature does not verify with key {request.key_id!r}")
         command = request.command()
         if command.site_id != self.site_id:
-            raise Refusal("wrong_site", f"command is for site {command.site_id!r}, this is {self.site_id!r}")
+            raise Refused("wrong_site", f"command is for site {command.site_id!r}, this is {self.site_id!r}")
         age_s = self._wall() - command.issued_s
         if age_s > self.window_s:
-            raise Refusal("stale", f"issued {age_s:.1f} s ago, beyond the {self.window_s:g} s window")
+            raise Refused("stale", f"issued {age_s:.1f} s ago, beyond the {self.window_s:g} s window")
         if age_s < -self.window_s:
-            raise Refusal("future", f"issued {-age_s:.1f} s ahead of this controller's clock "
+            raise Refused("future", f"issued {-age_s:.1f} s ahead of this controller's clock "
                                     f"(window {self.window_s:g} s)")
         if command.issued_s < self.store.horizon_s:
-            raise Refusal("before_horizon", "issued before this controller's replay memory began "
+            raise Refused("before_horizon", "issued before this controller's replay memory began "
                                             "(it restarted without one): give the command again")
         return command, hashlib.sha256(request.body).digest()
 

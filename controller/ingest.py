@@ -16,6 +16,8 @@ core defect is the control loop's, not the session's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from controller.commands import CommandDesk
 from controller.control_loop import ControlLoop
 from controller.failover import Role
@@ -34,14 +36,19 @@ class MqttIngest:
     def __init__(self, topics: Topics, table: RackTable, *, loop: ControlLoop,
                  link: FailoverLink, stats: ControllerStats, commands: CommandDesk,
                  latch_share: LatchShare, warm: WarmStandby) -> None:
-        self._cluster_state_topic = topics.cluster_state
         self._warm = warm
-        self._reply_head = topics.command_reply("")
-        self._leader_topic = topics.leader
-        self._command_topic = topics.command_request
-        self._latches_topic = topics.latches
         self._commands = commands
         self._latch_share = latch_share
+        # Rack telemetry is nearly every message: one prefix test sends it to the table; the rest is
+        # looked up by topic, command replies by their prefix.
+        self._rack_head = topics.rack_head
+        self._reply_head = topics.command_reply("")
+        self._by_topic: dict[str, Callable[[Message], None]] = {
+            topics.leader: lambda m: link.on_leader_record(m.payload),
+            topics.command_request: lambda m: commands.on_request(m.payload),
+            topics.cluster_state: self._on_cluster_state,
+            topics.latches: lambda m: latch_share.on_latch_set(m.payload),
+        }
         self._table = table
         self._loop = loop
         self._link = link
@@ -51,24 +58,14 @@ class MqttIngest:
         """Ingest one message; an urgent one gets its cycle at once (True, to the session: act now, when
         that cycle is left to the control loop)."""
         self._stats.messages += 1
-        if msg.topic == self._leader_topic:
-            self._link.on_leader_record(msg.payload)
-            return False
-        if msg.topic == self._command_topic:
-            self._commands.on_request(msg.payload)
-            return False
-        if msg.topic == self._cluster_state_topic:
-            if self._link.role is not Role.ACTIVE:  # the active's own copy is not read back
-                self._warm.on_cluster_state(msg.payload, msg.topic, msg.received_monotonic_s)
-            return False
-        if msg.topic == self._latches_topic:
-            self._latch_share.on_latch_set(msg.payload)
-            return False
-        if msg.topic.startswith(self._reply_head):
-            reply = self._latch_share.on_reply(msg.topic, msg.payload)
-            if reply is not None and reply.accepted:  # another controller ran it: never run here too
-                self._commands.note_answered(reply.id, msg.payload)
-            return False
+        if not msg.topic.startswith(self._rack_head):
+            other = self._by_topic.get(msg.topic)
+            if other is not None:
+                other(msg)
+                return False
+            if msg.topic.startswith(self._reply_head):
+                self._on_reply(msg)
+                return False
         ingest = self._table.ingest(msg.topic, msg.payload, msg.received_monotonic_s)
         if ingest.urgent:
             if self._loop.controlling:
@@ -77,3 +74,12 @@ class MqttIngest:
             self._loop.wake()
             return True
         return False
+
+    def _on_cluster_state(self, msg: Message) -> None:
+        if self._link.role is not Role.ACTIVE:  # the active's own copy is not read back
+            self._warm.on_cluster_state(msg.payload, msg.topic, msg.received_monotonic_s)
+
+    def _on_reply(self, msg: Message) -> None:
+        reply = self._latch_share.on_reply(msg.topic, msg.payload)
+        if reply is not None and reply.accepted:  # another controller ran it: never run here too
+            self._commands.note_answered(reply.id, msg.payload)

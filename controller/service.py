@@ -98,6 +98,8 @@ class ControllerService:
         self.journal = Journal(self.state_db, site_id=config.site_id, node_id=config.node_id,
                                publish=self._publish_event, wall_clock=wall_clock)
         self._reported: ConsolidatedState | None = None  # the last state compared for the journal
+        self._unreported: ConsolidatedState | None = None  # the newest state, not reported yet
+        self._report_scheduled = False
         self._limit_reasons = ("", "")
         self._clear_commands_s: Mapping[str, float] = MappingProxyType({})
         self._force_charge_until_s: float | None = None  # monotonic; never carried over a restart
@@ -221,9 +223,28 @@ class ControllerService:
             else:
                 self._force_charge_until_s = None
                 self.journal.record("command", "force-charge request expired", level=logging.WARNING)
-        self._note_latches()
-        self._journal_changes(state)
+        self._report_after_send(state)
         return state
+
+    def _report_after_send(self, state: ConsolidatedState) -> None:
+        """Latch and journal bookkeeping for ``state``, after the current callback: the cycle's frames
+        (an urgent one's included) go out first. Cycles run in one callback are reported once, on the
+        last of them."""
+        self._unreported = state
+        if self._report_scheduled:
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self._report)
+            self._report_scheduled = True
+        except RuntimeError:  # no loop (a cycle run by hand): at once
+            self._report()
+
+    def _report(self) -> None:
+        self._report_scheduled = False
+        state, self._unreported = self._unreported, None
+        if state is not None:
+            self._note_latches()
+            self._journal_changes(state)
 
     def _journal_changes(self, state: ConsolidatedState) -> None:
         """Rack state changes, and changes of what limits the bank (its reasons without the figures)."""
@@ -459,6 +480,7 @@ class ControllerService:
         if self.modbus is not None:
             await self.modbus.stop()
         self.metrics.close()
+        self._report()  # what the last cycles latched or changed, before the database closes
         self.journal.flush()
         self.state_db.close()  # the writes given so far are finished first
 

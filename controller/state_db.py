@@ -71,10 +71,8 @@ class StateDb:
                           if background and path is not None else None)
         self.write_errors = 0
         now = time.time() if wall_clock is None else wall_clock
-        self.started_s = now
         self.note = ""  # what an operator should know about this database (logged at start)
         self.lost = False  # a file existed and could not be read: what it held is gone
-        self.fresh = True  # no earlier database was found (a first start, or a lost one)
         self.db = self._open(path, now)
         row = self.db.execute("SELECT value FROM meta WHERE name = 'created_s'").fetchone()
         self.created_s = float(row[0])
@@ -83,11 +81,9 @@ class StateDb:
         if path is None:
             self.note = "no state_dir: the replay memory and the latched alarms are kept in RAM only"
             return self._init(self._connect(), now)
-        existed = path.exists()
         db = self._connect()
         try:
             self._init(db, now)
-            self.fresh = not existed
             return db
         except sqlite3.DatabaseError as exc:
             db.close()

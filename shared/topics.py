@@ -87,9 +87,14 @@ class Topics:
         node = topic[len(head) : -len("/status")]
         return node if node and "/" not in node else None
 
+    @property
+    def rack_head(self) -> str:
+        """What every per-rack topic of this site starts with."""
+        return f"{self._base}/rack/"
+
     def rack_id_from_topic(self, topic: str) -> str | None:
         """The rack id of a per-rack topic under this site, or None if the topic is not one."""
-        head = f"{self._base}/rack/"
+        head = self.rack_head
         if not topic.startswith(head):
             return None
         rest = topic[len(head) :]

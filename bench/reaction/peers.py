@@ -139,10 +139,14 @@ class _FloorWork:
     """What every floor does per message: msgpack-decode it; one 0x351 when a rack's CCL drops."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        # Imported here, not at the top: the publisher role needs neither. Bound once, not per message.
         import can  # noqa: PLC0415
+        import msgpack  # noqa: PLC0415
 
         from shared.dbc import load_dbc  # noqa: PLC0415
 
+        self._message = can.Message
+        self._unpack = msgpack.unpackb
         self.limits = load_dbc("pylon").get_message_by_frame_id(ID_LIMITS)
         self.bus = can.Bus(interface="remote", channel=args.can)
         self.n, self.base = args.racks, args.base
@@ -150,11 +154,8 @@ class _FloorWork:
         self.received = 0
 
     def on_payload(self, payload: bytes) -> None:
-        import can  # noqa: PLC0415
-        import msgpack  # noqa: PLC0415
-
         self.received += 1
-        data = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        data = self._unpack(payload, raw=False, strict_map_key=True)
         ccl = data["measurements"]["charge_current_limit_a"]
         rack = data["rack_id"]
         if self.last.get(rack, self.base) != ccl:
@@ -163,7 +164,7 @@ class _FloorWork:
                 frame = self.limits.encode({
                     "ChargeVoltageLimit": 55.2, "ChargeCurrentLimit": bank_a(ccl, self.n),
                     "DischargeCurrentLimit": 200.0, "DischargeVoltageLimit": 46.4})
-                self.bus.send(can.Message(arbitration_id=ID_LIMITS, data=frame, is_extended_id=False))
+                self.bus.send(self._message(arbitration_id=ID_LIMITS, data=frame, is_extended_id=False))
 
     def command(self, line: str) -> bool:
         """One stdin command (``stats``: answers ``stats RECEIVED``); False on ``quit``."""

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import urllib.request
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
+import pytest
+
+from bmslink.processes import free_port
 from rack_agent.agent import RackAgent
 from shared.agent_config import AgentConfig
 from shared.config import validate_config
+from sim.bms_server import SimulatedBms
+from tests.fixtures.serial_pair import SerialPair
 
 
 def agent_config(
@@ -76,3 +83,32 @@ async def scrape_metrics(port: int) -> str:
             return str(response.read().decode())
 
     return await asyncio.to_thread(fetch)
+
+
+S = TypeVar("S", bound=SimulatedBms)
+
+
+@dataclass
+class SimPeer(Generic[S]):
+    """A simulated BMS being served, and the agent's link config that reaches it."""
+
+    sim: S
+    link: dict[str, Any]
+
+
+@contextlib.asynccontextmanager
+async def served(sim: S, transport: str, request: pytest.FixtureRequest) -> AsyncIterator[SimPeer[S]]:
+    """``sim`` served over Modbus TCP on 127.0.0.1 (``transport`` "tcp") or RTU over a socat pair
+    (``"rtu"``, from the ``serial_pair`` fixture); stopped on exit."""
+    if transport == "tcp":
+        port = free_port()
+        await sim.start_tcp("127.0.0.1", port)
+        link: dict[str, Any] = {"type": "modbus_tcp", "name": "lan", "host": "127.0.0.1", "port": port}
+    else:
+        pair: SerialPair = request.getfixturevalue("serial_pair")
+        await sim.start_rtu(str(pair.a), baudrate=19200)
+        link = {"type": "modbus_rtu", "name": "rs485", "device": str(pair.b), "baudrate": 19200}
+    try:
+        yield SimPeer(sim, link)
+    finally:
+        await sim.stop()

@@ -13,8 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from typing import TypeAlias
 
 import pytest
 
@@ -25,10 +24,9 @@ from shared.config import validate_config
 from shared.models import LinkStatus, RackCommState, RackTelemetry
 from sim.bms_server import SimulatedBms
 from sim.faults import SunSpecLayout
-from tests.agent.helpers import agent_config, started_links, stop_links, wait_until
+from tests.agent.helpers import SimPeer, agent_config, served, started_links, stop_links, wait_until
 from tests.agent.test_publishing import Listener
 from tests.fixtures.broker import MosquittoBroker
-from tests.fixtures.serial_pair import SerialPair
 
 # What the reason of each refused layout must say (the log line and the unit's last error).
 LAYOUT_REASONS = {
@@ -39,27 +37,13 @@ LAYOUT_REASONS = {
 }
 
 
-@dataclass
-class Peer:
-    sim: SimulatedBms
-    link: dict[str, Any]
+Peer: TypeAlias = SimPeer[SimulatedBms]
 
 
 @pytest.fixture(params=["tcp", "rtu"])
 async def peer(request: pytest.FixtureRequest) -> AsyncIterator[Peer]:
-    sim = SimulatedBms()
-    if request.param == "tcp":
-        port = free_port()
-        await sim.start_tcp("127.0.0.1", port)
-        link: dict[str, Any] = {"type": "modbus_tcp", "name": "lan", "host": "127.0.0.1", "port": port}
-    else:
-        pair: SerialPair = request.getfixturevalue("serial_pair")
-        await sim.start_rtu(str(pair.a), baudrate=19200)
-        link = {"type": "modbus_rtu", "name": "rs485", "device": str(pair.b), "baudrate": 19200}
-    try:
-        yield Peer(sim, link)
-    finally:
-        await sim.stop()
+    async with served(SimulatedBms(), request.param, request) as served_peer:
+        yield served_peer
 
 
 @pytest.fixture

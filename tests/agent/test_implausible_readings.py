@@ -14,11 +14,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import pytest
 
-from bmslink.processes import free_port
 from controller.core.classify import read_rack
 from controller.core.snapshot import RackInput
 from rack_agent.agent import RackAgent
@@ -29,10 +28,9 @@ from shared.models import LinkStatus, RackCommState, RackTelemetry
 from shared.records import record_of
 from sim.bms_server import SimulatedBms
 from sim.registers import FLAT_BASE_ADDRESS, flat_register_plan
-from tests.agent.helpers import agent_config, started_links, stop_links, wait_until
+from tests.agent.helpers import SimPeer, agent_config, served, started_links, stop_links, wait_until
 from tests.agent.test_publishing import Listener
 from tests.fixtures.broker import MosquittoBroker
-from tests.fixtures.serial_pair import SerialPair
 
 COMM_LOST_AFTER = 3
 # More polls than comm_lost_after: an implausible reading must never add up to a comm loss.
@@ -104,38 +102,19 @@ CASES = {
 }
 
 
-@dataclass
-class Peer:
-    sim: TamperedBms
-    link: dict[str, Any]
+Peer: TypeAlias = SimPeer[TamperedBms]
 
 
 @pytest.fixture
-async def tcp_peer() -> AsyncIterator[Peer]:
-    sim = TamperedBms()
-    port = free_port()
-    await sim.start_tcp("127.0.0.1", port)
-    try:
-        yield Peer(sim, {"type": "modbus_tcp", "name": "lan", "host": "127.0.0.1", "port": port})
-    finally:
-        await sim.stop()
+async def tcp_peer(request: pytest.FixtureRequest) -> AsyncIterator[Peer]:
+    async with served(TamperedBms(), "tcp", request) as served_peer:
+        yield served_peer
 
 
 @pytest.fixture(params=["tcp", "rtu"])
 async def peer(request: pytest.FixtureRequest) -> AsyncIterator[Peer]:
-    sim = TamperedBms()
-    if request.param == "tcp":
-        port = free_port()
-        await sim.start_tcp("127.0.0.1", port)
-        link: dict[str, Any] = {"type": "modbus_tcp", "name": "lan", "host": "127.0.0.1", "port": port}
-    else:
-        pair: SerialPair = request.getfixturevalue("serial_pair")
-        await sim.start_rtu(str(pair.a), baudrate=19200)
-        link = {"type": "modbus_rtu", "name": "rs485", "device": str(pair.b), "baudrate": 19200}
-    try:
-        yield Peer(sim, link)
-    finally:
-        await sim.stop()
+    async with served(TamperedBms(), request.param, request) as served_peer:
+        yield served_peer
 
 
 def _agent(peer: Peer, case: Case | None = None, *, extra: dict[str, Any] | None = None,

@@ -11,7 +11,7 @@ import pwd
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,8 @@ SITE = "site-a"
 PREFIX = "bmslink"
 USERS = ("rack-01", "rack-02", "ctl-a", "ctl-b", "operator")
 TOPICS = Topics(PREFIX, SITE)
+# session_of(user, *, subscribe=(), got=None, secret=None): a started session as that user.
+SessionOf = Callable[..., Awaitable[MqttSession]]
 
 
 def password(user: str) -> str:
@@ -88,7 +90,7 @@ def config(broker: MosquittoBroker, user: str | None, secret: str | None = None)
 
 
 @pytest.fixture
-async def session_of(site_broker: MosquittoBroker) -> AsyncIterator[object]:
+async def session_of(site_broker: MosquittoBroker) -> AsyncIterator[SessionOf]:
     sessions: list[MqttSession] = []
 
     async def make(user: str | None, *, subscribe: tuple[str, ...] = (), got: list[Message] | None = None,
@@ -114,8 +116,7 @@ async def _heard(got: list[Message], topic: str, seconds: float = 0.8) -> bool:
     return any(message.topic == topic for message in got)
 
 
-async def test_anonymous_and_wrong_passwords_are_refused(session_of: object) -> None:
-    assert callable(session_of)
+async def test_anonymous_and_wrong_passwords_are_refused(session_of: SessionOf) -> None:
     anonymous = await session_of(None)
     wrong = await session_of("operator", secret="guess")
     assert not await anonymous.wait_connected(1.5) and not await wrong.wait_connected(0.1)
@@ -123,8 +124,7 @@ async def test_anonymous_and_wrong_passwords_are_refused(session_of: object) -> 
     assert "connect failed" in wrong.stats.last_disconnect_reason
 
 
-async def test_an_agent_publishes_its_own_rack_and_nothing_else(session_of: object) -> None:
-    assert callable(session_of)
+async def test_an_agent_publishes_its_own_rack_and_nothing_else(session_of: SessionOf) -> None:
     got: list[Message] = []
     controller = await session_of("ctl-a", subscribe=(f"{PREFIX}/{SITE}/#",), got=got)
     agent = await session_of("rack-01")
@@ -138,8 +138,7 @@ async def test_an_agent_publishes_its_own_rack_and_nothing_else(session_of: obje
         assert not await _heard(got, topic, 0.4), f"rack-01 could publish on {topic}"
 
 
-async def test_controllers_and_the_operator_do_what_they_must(session_of: object) -> None:
-    assert callable(session_of)
+async def test_controllers_and_the_operator_do_what_they_must(session_of: SessionOf) -> None:
     got_operator: list[Message] = []
     got_controller: list[Message] = []
     operator = await session_of("operator", subscribe=(f"{PREFIX}/{SITE}/#",), got=got_operator)

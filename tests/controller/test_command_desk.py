@@ -179,7 +179,7 @@ def test_the_replay_memory_outlives_a_restart(tmp_path: Path) -> None:
 
 def test_without_a_memory_commands_from_before_the_start_are_refused() -> None:
     site = Site(store(None, NOW))
-    assert site.desk.store.note
+    assert site.desk.store.state.note
     reply = site.send(encode_request(command(issued_s=NOW - 1), KEY))
     assert reply is not None and not reply.accepted and reply.reason.startswith("before_horizon")
     reply = site.send(encode_request(command(issued_s=NOW + 1), KEY))
@@ -190,7 +190,7 @@ def test_a_corrupt_memory_is_put_aside_and_guarded_by_a_horizon(tmp_path: Path) 
     path = tmp_path / "commands.sqlite3"
     path.write_bytes(b"this is not a database" * 100)
     site = Site(store(path, NOW))
-    assert "unreadable" in site.desk.store.note
+    assert "unreadable" in site.desk.store.state.note
     assert [p.name for p in tmp_path.iterdir() if ".corrupt-" in p.name]
     reply = site.send(encode_request(command(issued_s=NOW - 1), KEY))
     assert reply is not None and reply.reason.startswith("before_horizon")

@@ -196,6 +196,18 @@ def scenario(seed: int, n: int = 6, cycles: int = 400) -> list[tuple[ControllerC
     return out
 
 
+def tell(engine: Engine, cfg: ControllerConfig, snap: Snapshot,
+         previous: dict[str, RackInput]) -> dict[str, RackInput]:
+    """Tell ``engine`` what a shell would of this snapshot: a new config, and each input that is not
+    the one of the ``previous`` snapshot; returns this snapshot's inputs (the next ``previous``)."""
+    if cfg is not engine.config:
+        engine.reconfigure(cfg)
+    for rid, ri in snap.racks.items():
+        if previous.get(rid) is not ri:
+            engine.put(ri)
+    return dict(snap.racks)
+
+
 @dataclass
 class Compared:
     """What a side-by-side run went through (so a test can show the comparison was worth something)."""
@@ -315,12 +327,7 @@ def test_a_cycle_that_raised_is_followed_by_the_reference_result(monkeypatch: py
     monkeypatch.setattr(controller.core.engine, "rack_outcome", flaky)
     raised = 0
     for i, (cfg, t, snap) in enumerate(cycles):
-        if cfg is not engine.config:
-            engine.reconfigure(cfg)
-        for rid, ri in snap.racks.items():
-            if previous.get(rid) is not ri:
-                engine.put(ri)
-        previous = dict(snap.racks)
+        previous = tell(engine, cfg, snap, previous)
         try:
             got = engine.cycle(t, WALL_OFFSET_S + t, clear_commands_s=snap.clear_commands_s,
                                unknown_racks=snap.unknown_racks)
@@ -339,14 +346,8 @@ def test_the_engine_is_deterministic() -> None:
         states = []
         previous: dict[str, RackInput] = {}
         for cfg, t, snap in scenario(7, cycles=120):
-            if engine is None:
-                engine = Engine(cfg)
-            elif cfg is not engine.config:
-                engine.reconfigure(cfg)
-            for rid, ri in snap.racks.items():
-                if previous.get(rid) is not ri:
-                    engine.put(ri)
-            previous = dict(snap.racks)
+            engine = engine or Engine(cfg)
+            previous = tell(engine, cfg, snap, previous)
             states.append(engine.cycle(t, WALL_OFFSET_S + t, clear_commands_s=snap.clear_commands_s))
         return states
 
