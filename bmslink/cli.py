@@ -313,6 +313,9 @@ def _cmd_command(args: argparse.Namespace) -> int:
                 f"--duration must be above 0 and at most {MAX_FORCE_CHARGE_S:g} s"])
         command = new_command(CommandAction.FORCE_CHARGE, key_id=args.key_id, site_id=args.site,
                               duration_s=args.duration)
+    elif args.cmd_command == "maintenance":
+        action = CommandAction.MAINTENANCE_ON if args.switch == "on" else CommandAction.MAINTENANCE_OFF
+        command = new_command(action, key_id=args.key_id, site_id=args.site, racks=args.racks)
     else:
         if args.all == bool(args.rack):
             raise ConfigError("<command line>", ["name the racks (--rack ID, repeatable) or give --all, "
@@ -371,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "for a time; the request expires by itself")
     _add_operator_arguments(force)
     force.add_argument("--duration", type=float, required=True, help="seconds the request stands")
+    maintenance = cmd_sub.add_parser(
+        "maintenance", help="take racks out of the bank for service (on), or return them through the "
+                            "re-admission hold and ramp (off)")
+    _add_operator_arguments(maintenance)
+    maintenance.add_argument("switch", choices=("on", "off"))
+    maintenance.add_argument("racks", nargs="+", metavar="RACK", help="the racks (rack ids)")
     events = sub.add_parser("events", help="what a controller journaled: latches, commands, roles, racks")
     events.add_argument("--config", type=Path, help="the controller's TOML file (finds its state_dir)")
     events.add_argument("--db", type=Path, help="or the state database itself")

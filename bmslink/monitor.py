@@ -119,6 +119,7 @@ class TelemetryView:
                 "racks: " + ", ".join(
                     f"{r.rack_id}:{r.state.value}"
                     + (f"({r.share:.0%})" if r.eligible and r.share < 1 else "")
+                    + ("[maintenance]" if r.maintenance else "")
                     for r in c.racks
                 ),
                 "alarms: " + (", ".join((*c.alarms.raised(), *c.cluster.raised())) or "none")

@@ -10,7 +10,8 @@ an unknown key (``unknown_key``), a signature that does not verify (``bad_signat
 (``wrong_site``), a timestamp outside the window (``stale``, ``future``) or before this controller's
 replay memory began (``before_horizon``), an id seen with other bytes (``replay``), a rack not on the
 roster (``unknown_rack``), or no cycle to run it in (``not_ready``). A retransmission of an answered
-command gets the same reply again (``retransmitted``).
+command gets the same reply again (``retransmitted``). The commands: a clear of latched alarms, a
+time-bounded force-charge request, and maintenance on/off for named racks.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from controller.command_store import CommandStore
 from controller.journal import Journal
 from shared.codec import encode
 from shared.commands import (
+    MAINTENANCE_ACTIONS,
     CommandAction,
     CommandReply,
     KeyFileError,
@@ -72,6 +74,15 @@ class ClearReport(NamedTuple):
     held: tuple[LatchNote, ...]
 
 
+class MaintenanceReport(NamedTuple):
+    """What a maintenance command did: the racks in maintenance now, those it changed, and what the
+    operator should know about the bank (e.g. fewer racks than ``min_racks`` left: zero current)."""
+
+    in_maintenance: tuple[str, ...]
+    changed: tuple[str, ...]
+    note: str = ""
+
+
 class CommandDesk:
     """Takes the command topic's messages (:meth:`on_request`); answers through ``publish``."""
 
@@ -87,6 +98,7 @@ class CommandDesk:
         is_active: Callable[[], bool],
         clear_latches: Callable[[tuple[str, ...]], ClearReport | None],
         force_charge: Callable[[float], float | None],
+        set_maintenance: Callable[[tuple[str, ...], bool, str], MaintenanceReport | None],
         publish_reply: Callable[[str, bytes], None],
         journal: Journal,
         wall_clock: Callable[[], float] = time.time,
@@ -101,6 +113,7 @@ class CommandDesk:
         self._is_active = is_active
         self._clear_latches = clear_latches
         self._force_charge = force_charge
+        self._set_maintenance = set_maintenance
         self._publish_reply = publish_reply
         self._wall = wall_clock
         self.counters: Counter[str] = Counter()  # "accepted", "refused_<reason>", "retransmitted", ...
@@ -204,7 +217,30 @@ class CommandDesk:
                                  level=logging.WARNING)
             return CommandReply(id=command.id, node_id=self.node_id, accepted=True, reason=what,
                                 replied_s=self._wall()), True
+        if command.action in MAINTENANCE_ACTIONS:
+            return self._maintenance(command, racks)
         return self._refusal_reply(command, "unknown_command", f"unknown command {command.action!r}"), True
+
+    def _maintenance(self, command: OperatorCommand, racks: tuple[str, ...]) -> tuple[CommandReply, bool]:
+        on = command.action is CommandAction.MAINTENANCE_ON
+        report = self._set_maintenance(racks, on, f"command {command.id} from key {command.key_id}")
+        if report is None:
+            why = "the control loop is not running yet; retry"
+            return self._refusal_reply(command, "not_ready", why, retry=True), False
+        self.counters["accepted"] += 1
+        verb = "put in maintenance" if on else "returned to the bank"
+        unchanged = [rack for rack in racks if rack not in report.changed]
+        what = (f"{', '.join(report.changed) or 'no rack'} {verb}"
+                + (f" ({', '.join(unchanged)} already {'in maintenance' if on else 'in the bank'})"
+                   if unchanged else "")
+                + f"; in maintenance now: {', '.join(report.in_maintenance) or 'none'}"
+                + (f"; {report.note}" if report.note else ""))
+        self._journal.record("command", f"{command.id} from key {command.key_id}: {what}",
+                             level=logging.WARNING)
+        return CommandReply(
+            id=command.id, node_id=self.node_id, accepted=True, reason=what,
+            maintenance=report.in_maintenance, maintenance_ended=() if on else report.changed,
+            replied_s=self._wall()), True
 
     def _refusal_reply(self, command: OperatorCommand, reason: str, detail: str, *,
                        retry: bool = False) -> CommandReply:

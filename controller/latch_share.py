@@ -9,6 +9,10 @@ active that reads the old one's retained set. A latch is never released because 
 A release travels with the operator's clear: the active's reply to an accepted clear
 (``Topics.command_reply``) lists what it released, and the other controllers release the same pairs.
 A controller that missed that reply keeps the latch, which only asks for one more clear.
+
+The racks in maintenance travel the same way and by the same rule (``LatchSet.maintenance``): adopted
+as a union, ended only by an accepted ``maintenance off`` reply (``CommandReply.maintenance_ended``).
+So neither a takeover nor a restart returns a rack under service to the bank.
 """
 
 from __future__ import annotations
@@ -29,18 +33,21 @@ log = logging.getLogger(__name__)
 Pairs = Iterable[tuple[str, str]]
 Adopt = Callable[[list[tuple[str, str]], list[tuple[str, str]], str], None]
 """``adopt(add, release, why)``: the controller latches ``add`` and releases ``release``."""
+AdoptMaintenance = Callable[[list[str], list[str], str], None]
+"""``adopt_maintenance(add, end, why)``: the controller puts ``add`` in maintenance and ends ``end``."""
 
 
 class LatchShare:
     def __init__(self, *, site_id: str, node_id: str, topics: Topics,
                  publish: Callable[[str, bytes], None], epoch: Callable[[], int], adopt: Adopt,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 adopt_maintenance: AdoptMaintenance, wall_clock: Callable[[], float] = time.time) -> None:
         self.site_id = site_id
         self.node_id = node_id
         self.topics = topics
         self._publish = publish
         self._epoch = epoch
         self._adopt = adopt
+        self._adopt_maintenance = adopt_maintenance
         self._wall = wall_clock
         self._sets: Decoder[LatchSet] = Decoder(LatchSet)
         self._replies: Decoder[CommandReply] = Decoder(CommandReply)
@@ -48,12 +55,13 @@ class LatchShare:
                                          "rejected": 0}
         self._log = ThrottledLog(log)
 
-    def publish(self, latched: Mapping[str, frozenset[str]]) -> None:
-        """Publish this (active) controller's latches, retained."""
+    def publish(self, latched: Mapping[str, frozenset[str]], maintenance: Iterable[str] = ()) -> None:
+        """Publish this (active) controller's latches and racks in maintenance, retained."""
         latch_set = LatchSet(
             site_id=self.site_id, node_id=self.node_id, epoch=self._epoch(), timestamp_s=self._wall(),
             latches=tuple(LatchedAlarm(rack_id=rack_id, flag=flag)
                           for rack_id in sorted(latched) for flag in sorted(latched[rack_id])),
+            maintenance=tuple(sorted(maintenance)),
         )
         self._publish(self.topics.latches, encode(latch_set))
         self.counters["sets_published"] += 1
@@ -70,9 +78,12 @@ class LatchShare:
         if latch_set.node_id == self.node_id or latch_set.site_id != self.site_id:
             return
         pairs = self._known((latch.rack_id, latch.flag) for latch in latch_set.latches)
+        why = f"held by {latch_set.node_id} (epoch {latch_set.epoch})"
         if pairs:
             self.counters["sets_adopted"] += 1
-            self._adopt(pairs, [], f"held by {latch_set.node_id} (epoch {latch_set.epoch})")
+            self._adopt(pairs, [], why)
+        if latch_set.maintenance:
+            self._adopt_maintenance(list(latch_set.maintenance), [], why)
 
     def on_reply(self, topic: str, payload: bytes) -> CommandReply | None:
         """A command reply: the releases of another node's accepted clear are ours too. Returns another
@@ -89,6 +100,9 @@ class LatchShare:
             released = self._known((note.rack_id, note.flag) for note in reply.released)
             why = f"released by an operator's clear on {reply.node_id} (command {reply.id})"
             self._adopt([], released, why)
+        if reply.accepted and (reply.maintenance or reply.maintenance_ended):
+            why = f"by an operator's command on {reply.node_id} (command {reply.id})"
+            self._adopt_maintenance(list(reply.maintenance), list(reply.maintenance_ended), why)
         return reply
 
     def _known(self, pairs: Pairs) -> list[tuple[str, str]]:

@@ -154,6 +154,11 @@ class _ReadingsCollector(Collector):
             for candidate in RackState:
                 racks.add_metric([view.rack_id, candidate.value], 1.0 if view.state is candidate else 0.0)
         yield racks
+        maintenance = GaugeMetricFamily("bmslink_controller_rack_maintenance",
+                                        "1 while an operator has the rack in maintenance", labels=["rack"])
+        for view in state.racks:
+            maintenance.add_metric([view.rack_id], 1.0 if view.maintenance else 0.0)
+        yield maintenance
 
 
 class ControllerMetrics(MetricsEndpoint):

@@ -40,7 +40,7 @@ import can
 
 from controller.can_port import CanPort
 from controller.command_store import CommandStore
-from controller.commands import ClearReport, CommandDesk, command_keys
+from controller.commands import ClearReport, CommandDesk, MaintenanceReport, command_keys
 from controller.control_loop import STATE_PUBLISH_MIN_GAP_S, ControlLoop, HeartbeatSchedule, must_send_now
 from controller.core.engine import Engine
 from controller.core.faults import Latch
@@ -52,6 +52,7 @@ from controller.ingest import MqttIngest
 from controller.journal import Journal
 from controller.latch_share import LatchShare
 from controller.latch_store import LatchStore, restored_memory
+from controller.maintenance_store import MaintenanceStore
 from controller.metrics import ControllerMetrics
 from controller.modbus_server import ConsolidatedModbusServer
 from controller.rack_table import RackTable
@@ -94,6 +95,10 @@ class ControllerService:
         self.latch_store = LatchStore(self.state_db)
         self._latched: dict[str, frozenset[str]] = self.latch_store.load()
         self.engine = Engine(config, restored_memory(self._latched, self.table.roster, monotonic()))
+        self.maintenance_store = MaintenanceStore(self.state_db)
+        # Rack id → why it is in maintenance (controller/core/maintenance.py); ended only by a command.
+        self._maintenance: dict[str, str] = self.maintenance_store.load()
+        self._maintenance_set: frozenset[str] = frozenset(self._maintenance)
         self.warm = WarmStandby(config)
         self.journal = Journal(self.state_db, site_id=config.site_id, node_id=config.node_id,
                                publish=self._publish_event, wall_clock=wall_clock)
@@ -124,13 +129,13 @@ class ControllerService:
             store=CommandStore(self.state_db), window_s=config.commands.window_s,
             roster=lambda: self.table.roster, is_active=lambda: self.link.role is Role.ACTIVE,
             clear_latches=self.clear_latched_alarms, force_charge=self.request_force_charge,
-            publish_reply=self._publish_reply, journal=self.journal,
+            set_maintenance=self.set_maintenance, publish_reply=self._publish_reply, journal=self.journal,
             wall_clock=wall_clock,
         )
         self.latch_share = LatchShare(
             site_id=config.site_id, node_id=config.node_id, topics=self.topics,
             publish=self._publish_retained, epoch=lambda: self.roles.epoch if self.roles is not None else 0,
-            adopt=self._adopt_latches, wall_clock=wall_clock,
+            adopt=self._adopt_latches, adopt_maintenance=self._adopt_maintenance, wall_clock=wall_clock,
         )
         self.ingest = MqttIngest(self.topics, self.table, loop=self.loop, link=self.link, stats=self.stats,
                                  commands=self.commands, latch_share=self.latch_share, warm=self.warm)
@@ -185,6 +190,51 @@ class ControllerService:
         self.loop.wake()
         return self._wall() + duration_s
 
+    def set_maintenance(self, racks: Sequence[str], on: bool, why: str) -> MaintenanceReport | None:
+        """An accepted maintenance command: ``racks`` put in maintenance (``on``) or returned to the bank,
+        effective in a cycle run now. None (nothing done) while the control loop is not running yet."""
+        if not self.loop.controlling:
+            return None
+        changed = self._change_maintenance(list(racks) if on else [], [] if on else list(racks), why)
+        self.loop.run_due_cycle()
+        state = self.loop.state
+        note = ""
+        if state is not None and state.eligible_racks < self.config.aggregation.min_racks:
+            note = (f"the bank has {state.eligible_racks} eligible rack(s), fewer than min_racks "
+                    f"{self.config.aggregation.min_racks}: zero current until enough are admitted")
+        return MaintenanceReport(tuple(sorted(self._maintenance)), tuple(changed), note)
+
+    def _adopt_maintenance(self, add: list[str], end: list[str], why: str) -> None:
+        """Racks another controller has in maintenance, or returned by its accepted command."""
+        if self._change_maintenance(add, end, why):
+            self.loop.wake()
+
+    def _change_maintenance(self, add: list[str], end: list[str], why: str) -> list[str]:
+        """Put ``add`` in maintenance and end ``end`` (roster racks only); journal, save and share the
+        change. Returns the racks that changed."""
+        roster = set(self.table.roster)
+        added = [r for r in dict.fromkeys(add) if r in roster and r not in self._maintenance]
+        ended = [r for r in dict.fromkeys(end) if r in self._maintenance]
+        if not added and not ended:
+            return []
+        for rack_id in added:
+            self._maintenance[rack_id] = why
+            self.journal.record("maintenance", f"in maintenance ({why}): adds no capacity; its limits bind "
+                                "while its contactor may be closed", rack_id=rack_id, level=logging.WARNING)
+        for rack_id in ended:
+            del self._maintenance[rack_id]
+            self.journal.record("maintenance", f"out of maintenance ({why}): back through the re-admission "
+                                "hold and ramp", rack_id=rack_id, level=logging.WARNING)
+        self._maintenance_set = frozenset(self._maintenance)
+        self.maintenance_store.save(self._maintenance, self._wall())
+        self._share_latches()
+        return added + ended
+
+    @property
+    def maintenance(self) -> frozenset[str]:
+        """The racks in maintenance."""
+        return self._maintenance_set
+
     def _latches(self, rack_id: str) -> Mapping[str, Latch]:
         memory = self.engine.memory.racks.get(rack_id)
         return memory.latches if memory is not None else {}
@@ -216,7 +266,7 @@ class ControllerService:
         for rack_input in self.table.take(full=full):
             self.engine.put(rack_input)
         state = self.engine.cycle(now, self._wall(), clear_commands_s=self._clear_commands_s,
-                                  unknown_racks=self.table.unknown_ids())
+                                  maintenance=self._maintenance_set, unknown_racks=self.table.unknown_ids())
         if self._force_charge_until_s is not None:
             if now < self._force_charge_until_s:
                 state = state.model_copy(update={"force_charge_request": True})
@@ -286,7 +336,7 @@ class ControllerService:
     def _share_latches(self) -> None:
         """The active publishes its latches (controller/latch_share.py); a standby never does."""
         if self.link.role is Role.ACTIVE:
-            self.latch_share.publish(self._latched)
+            self.latch_share.publish(self._latched, self._maintenance_set)
 
     def _adopt_latches(self, add: list[tuple[str, str]], release: list[tuple[str, str]], why: str) -> None:
         """Latches another controller holds, or released by its accepted clear, become ours too."""
@@ -453,11 +503,16 @@ class ControllerService:
         if self.state_db.lost:
             log.error("the latched alarms held before are not known: only those the racks show again "
                       "will latch; check the racks before clearing anything")
+            log.error("the racks in maintenance before are not known: only those another controller "
+                      "shares are kept; put any rack still under service in maintenance again")
         if self._latched:
             pairs = [f"{rack_id}/{flag}" for rack_id, flags in sorted(self._latched.items())
                      for flag in sorted(flags)]
             log.warning("latched alarms restored from %s: %s (an operator's clear releases them)",
                         self.state_db.path or "memory", ", ".join(pairs))
+        for rack_id, why in sorted(self._maintenance.items()):
+            log.warning("rack %s is in maintenance (%s), restored from %s; `bmslink cmd maintenance off %s` "
+                        "returns it", rack_id, why, self.state_db.path or "memory", rack_id)
         self.metrics.serve(self.config.metrics)
         await self.can.start()
         self.link.started(self._monotonic())

@@ -1,7 +1,8 @@
 """The controller's state database: what must outlive a restart, in one SQLite file (WAL).
 
 ``{state_dir}/controller-{node_id}.sqlite3`` holds the operators' command ids (the replay memory,
-``command_store``), the latched alarms (``latch_store``) and the journal (``journal``). Without a
+``command_store``), the latched alarms (``latch_store``), the racks in maintenance
+(``maintenance_store``) and the journal (``journal``). Without a
 ``state_dir`` the same tables live in memory, and the controller says so at every start.
 
 **Writes never run on the event loop.** A commit with ``synchronous=FULL`` waits for the disk, and a
@@ -54,6 +55,11 @@ CREATE TABLE IF NOT EXISTS latches (
     flag TEXT NOT NULL,
     since_wall_s REAL NOT NULL,
     PRIMARY KEY (rack_id, flag)
+);
+CREATE TABLE IF NOT EXISTS maintenance (
+    rack_id TEXT PRIMARY KEY,
+    since_wall_s REAL NOT NULL,
+    why TEXT NOT NULL
 );
 """
 

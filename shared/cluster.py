@@ -73,6 +73,8 @@ class RackView(_Frozen):
     charge_current_limit_a: LimitAmps = 0.0
     discharge_current_limit_a: LimitAmps = 0.0
     reason: Text = ""
+    # Put in maintenance by an operator: it adds no capacity (see controller/core/maintenance.py).
+    maintenance: Flag = False
 
 
 class ConsolidatedState(_Frozen):
@@ -170,6 +172,9 @@ class LatchSet(_Frozen):
     epoch: Counter = 0
     timestamp_s: Timestamp
     latches: tuple[LatchedAlarm, ...] = ()
+    # The racks an operator put in maintenance; held the same way (a union; only an accepted command
+    # takes a rack out of maintenance).
+    maintenance: tuple[Identifier, ...] = ()
 
 
 class JournalEvent(_Frozen):

@@ -60,6 +60,11 @@ class _Frozen(BaseModel):
 class CommandAction(StrEnum):
     CLEAR_LATCHES = "clear_latches"  # release latched alarms whose condition has cleared
     FORCE_CHARGE = "force_charge"  # set the inverter's force-charge request for duration_s, then drop it
+    MAINTENANCE_ON = "maintenance_on"  # take the named racks out of the bank for service
+    MAINTENANCE_OFF = "maintenance_off"  # return them (through the re-admission hold and ramp)
+
+
+MAINTENANCE_ACTIONS = frozenset({CommandAction.MAINTENANCE_ON, CommandAction.MAINTENANCE_OFF})
 
 
 class OperatorCommand(_Frozen):
@@ -82,6 +87,9 @@ class OperatorCommand(_Frozen):
             raise ValueError("duration_s is required by force_charge and taken by no other command")
         if self.action is CommandAction.FORCE_CHARGE and self.racks:
             raise ValueError("force_charge is a request to the inverter for the whole bank: name no racks")
+        if self.action in MAINTENANCE_ACTIONS and not self.racks:
+            # "Every rack" is never meant: the whole bank out of service is a stop, not maintenance.
+            raise ValueError(f"{self.action.value} needs the racks it applies to")
         return self
 
 
@@ -101,6 +109,9 @@ class CommandReply(_Frozen):
     reason: Text = ""  # why it was refused, or what was done
     released: tuple[LatchNote, ...] = ()
     held: tuple[LatchNote, ...] = ()  # latches the clear did not release, each with why
+    # Maintenance commands: the racks in maintenance after it, and those it returned to the bank.
+    maintenance: tuple[Identifier, ...] = ()
+    maintenance_ended: tuple[Identifier, ...] = ()
     retry: Annotated[bool, Strict()] = False  # refused for now only: the same command may be sent again
     replied_s: Timestamp = 0.0
 

@@ -20,7 +20,9 @@ SCHEMA_MAJOR = 1
 # 1.1: ``stream_id`` (one per agent run) orders a rack's readings; 1.0 payloads lack it and are refused.
 # 1.2: ``UnitLink.detail``, why a unit is not ok (a refused reading's contradiction). A 1.1 controller
 # refuses it as an unknown field: upgrade the controllers before the agents.
-SCHEMA_MINOR = 2
+# 1.3: maintenance mode (``RackView.maintenance``, ``LatchSet.maintenance``, the maintenance commands):
+# controller-to-controller and controller-to-monitor only; upgrade the standbys first, then hand over.
+SCHEMA_MINOR = 3
 UNIT_DETAIL_MAX_CHARS = 200
 
 PACK_VOLTAGE_MAX_V = 1000.0

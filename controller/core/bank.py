@@ -79,7 +79,9 @@ class BankInputs:
     held: tuple[Member, ...]  # lost racks held at their last limits (isolation)
     held_notes: tuple[str, ...]  # their reasons, in the same order
     eligible: int  # racks that count towards the quorum
-    latches_by_rack: tuple[tuple[str, Mapping[str, Latch]], ...]  # racks holding latches only
+    latches_by_rack: tuple[tuple[str, Mapping[str, Latch]], ...]  # racks whose latches bind, only
+    # Every rack holding latches, those suspended in maintenance included (what must be kept).
+    kept_latches: tuple[tuple[str, Mapping[str, Latch]], ...]
     charge_blocks: tuple[Block, ...]
     discharge_blocks: tuple[Block, ...]
     views: tuple[RackView, ...]
@@ -95,7 +97,9 @@ class BankInputs:
             held=tuple(o.held_member for o in outcomes if o.held_member is not None),
             held_notes=tuple(o.isolation.note for o in outcomes if o.held_member is not None),
             eligible=sum(map(_ELIGIBLE, outcomes)),
-            latches_by_rack=tuple((o.rack_id, o.memory.latches) for o in outcomes if o.memory.latches),
+            latches_by_rack=tuple((o.rack_id, o.memory.latches) for o in outcomes
+                                  if o.memory.latches and not o.latches_suspended),
+            kept_latches=tuple((o.rack_id, o.memory.latches) for o in outcomes if o.memory.latches),
             charge_blocks=tuple(chain.from_iterable(map(_CHARGE_BLOCKS, outcomes))),
             discharge_blocks=tuple(chain.from_iterable(map(_DISCHARGE_BLOCKS, outcomes))),
             views=tuple(map(_VIEW, outcomes)),

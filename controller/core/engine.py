@@ -105,6 +105,7 @@ class _Bank:
             held_notes=tuple(held_notes),
             eligible=eligible,
             latches_by_rack=self.inputs.latches_by_rack,  # no changed rack holds or held a latch
+            kept_latches=self.inputs.kept_latches,
             charge_blocks=self.inputs.charge_blocks,  # (blocks come from latches only)
             discharge_blocks=self.inputs.discharge_blocks,
             views=tuple(views),
@@ -129,6 +130,7 @@ class Engine:
         self._outcomes: list[RackOutcome] | None = None
         self._bank: _Bank | None = None
         self._clear_commands_s: Mapping[str, float] = MappingProxyType({})
+        self._maintenance: frozenset[str] = frozenset()
         self._changed: set[str] = set()  # roster racks put since their outcome
         self._due: list[tuple[float, str]] = []  # (validity time, rack id), a heap
         self._due_s: dict[str, float] = {}  # each rack's current validity time (heap entries may be old)
@@ -140,8 +142,8 @@ class Engine:
 
     @property
     def latches_by_rack(self) -> tuple[tuple[str, Mapping[str, Latch]], ...]:
-        """The last cycle's racks holding latches (roster order)."""
-        return self._bank.inputs.latches_by_rack if self._bank is not None else ()
+        """The last cycle's racks holding latches (roster order), suspended ones included."""
+        return self._bank.inputs.kept_latches if self._bank is not None else ()
 
     @property
     def memory(self) -> CoreMemory:
@@ -173,12 +175,15 @@ class Engine:
 
     def cycle(
         self, now_s: float, wall_s: float, *, clear_commands_s: Mapping[str, float] | None = None,
-        unknown_racks: tuple[str, ...] = (),
+        maintenance: frozenset[str] | None = None, unknown_racks: tuple[str, ...] = (),
     ) -> ConsolidatedState:
         """This cycle's consolidated battery: ``step`` on every input put so far, from the memory of the
-        cycles before (``clear_commands_s``: as ``Snapshot.clear_commands_s``, None: the last cycle's;
+        cycles before (``clear_commands_s``, ``maintenance``: as in ``Snapshot``, None: the last cycle's;
         ``unknown_racks``: ids heard off the roster, reported before those put)."""
         clears = self._clear_commands_s if clear_commands_s is None else clear_commands_s
+        if maintenance is not None and maintenance != self._maintenance:
+            self._changed.update((maintenance ^ self._maintenance) & self._roster_at.keys())
+            self._maintenance = maintenance
         try:
             return self._cycle(now_s, wall_s, clears, unknown_racks)
         except BaseException:
@@ -233,6 +238,7 @@ class Engine:
             config=self._config,
             clear_command_s=clears.get(rack_id),
             now_s=now_s,
+            in_maintenance=rack_id in self._maintenance,
         )
 
     def _due_racks(self, now_s: float) -> set[str]:

@@ -1,12 +1,13 @@
 """One rack's outcome in one cycle: its state, its limits, its line in the consolidated state.
 
-``rack_outcome(roster_rack, rack_input, previous, config, clear_command_s, now_s)`` is the first half
-of the spec's cycle, for one roster rack, in this order:
+``rack_outcome(roster_rack, rack_input, previous, config, clear_command_s, now_s, in_maintenance)`` is
+the first half of the spec's cycle, for one roster rack, in this order:
 
 1. freshness, validity and the BMS link (``classify.read_rack``);
-2. the alarm latches (``faults``), observed at the payload's receive time;
+2. the alarm latches (``faults``), observed at the payload's receive time (not observed, and
+   suspended, while the rack is in maintenance and known out of the bank: ``maintenance``);
 3. the state (``classify.classify``: stale > invalid > comm_lost > faulted > disconnected > ok);
-4. admission (``admission``: the re-admission hold, then the share ramp);
+4. admission (``admission``: the re-admission hold, then the share ramp; never while in maintenance);
 5. the rack's own derates (``derates``: thermal rate of rise, cell taper) — its limits are the BMS's
    limits times these factors, and that is what enters the bank's policy (its ``member``);
 6. the hold of a rack lost from sight while in parallel (``isolation``).
@@ -24,14 +25,16 @@ passes, and its property tests hold the two equal.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 from controller.core.admission import Admission, admit
 from controller.core.bounds import amps_down
 from controller.core.classify import Reading, classify, read_rack, stale_after_s
 from controller.core.derates import Derate, derate_rack
-from controller.core.faults import Block, Direction, blocks, update_latches
+from controller.core.faults import Block, Direction, Latch, blocks, update_latches
 from controller.core.isolation import Isolation, isolate, isolation_s
+from controller.core.maintenance import NOT_ADMITTED, known_out
 from controller.core.memory import RackMemory
 from controller.core.policies import Member
 from controller.core.policies import member as make_member
@@ -62,6 +65,8 @@ class RackOutcome(NamedTuple):
     parallel_member: Member | None  # its member when it is in parallel (state ok)
     held_member: Member | None  # its last member in parallel while it is held (isolation)
     valid_until_s: float  # see the module docstring
+    # In maintenance and known out of the bank: its latches are kept but bind nothing (maintenance).
+    latches_suspended: bool = False
 
 
 def rack_outcome(
@@ -72,21 +77,27 @@ def rack_outcome(
     config: ControllerConfig,
     clear_command_s: float | None,
     now_s: float,
+    in_maintenance: bool = False,
 ) -> RackOutcome:
-    """The outcome of ``roster_rack`` at ``now_s``, from its input and the memory of its last cycle."""
+    """The outcome of ``roster_rack`` at ``now_s``, from its input and the memory of its last cycle
+    (``in_maintenance``: an operator has put it in maintenance)."""
     agg = config.aggregation
     reading = read_rack(rack_input, roster_rack, config.site_id, now_s)
     m = reading.measurements
     observed_s = reading.received_s if reading.received_s is not None else now_s
+    suspended = known_out(in_maintenance, m)
     latches = update_latches(
-        previous.latches, m.alarms if m is not None else None, observed_s, clear_command_s
+        previous.latches, m.alarms if m is not None and not suspended else None, observed_s, clear_command_s
     )
     state, state_reason = classify(reading, latches)
     is_ok = state is RackState.OK
-    admission = admit(previous.ok_since_s, is_ok, now_s, agg.readmit_hold_s, agg.readmit_ramp_s)
+    if in_maintenance:
+        admission = NOT_ADMITTED
+    else:
+        admission = admit(previous.ok_since_s, is_ok, now_s, agg.readmit_hold_s, agg.readmit_ramp_s)
     derate, derate_memory = derate_rack(previous.derate, m, reading.received_s, now_s, agg)
     member = None
-    if m is not None:
+    if m is not None and not suspended:
         member = make_member(
             roster_rack.rack_id,
             m,
@@ -113,22 +124,31 @@ def rack_outcome(
         in_parallel=isolation.last_in_parallel,
         lost_s=isolation.lost_s,
     )
-    if latches:
+    if latches and not suspended:
         own = ((roster_rack.rack_id, latches),)
         charge_blocks = blocks(own, Direction.CHARGE)
         discharge_blocks = blocks(own, Direction.DISCHARGE)
         report_blocks = blocks(own, Direction.REPORT)
     else:  # the usual case: nothing latched blocks nothing
         charge_blocks = discharge_blocks = report_blocks = ()
+    if suspended:
+        admission = admission._replace(note=_suspended_note(latches))
     view = _view(roster_rack.rack_id, state=state, state_reason=state_reason, admission=admission,
                  derate=derate, in_parallel=member if is_ok else None, isolation=isolation,
-                 charge_blocks=charge_blocks, discharge_blocks=discharge_blocks, report_blocks=report_blocks)
+                 charge_blocks=charge_blocks, discharge_blocks=discharge_blocks, report_blocks=report_blocks,
+                 maintenance=in_maintenance)
     return RackOutcome(
         roster_rack.rack_id, reading, state, state_reason, admission, derate, member, isolation, memory,
         view, charge_blocks, discharge_blocks, member if is_ok else None, isolation.held,
         _valid_until_s(rack_input, roster_rack, reading=reading, state=state, admission=admission,
-                       isolation=isolation, now_s=now_s),
+                       isolation=isolation, now_s=now_s, in_maintenance=in_maintenance),
+        suspended,
     )
+
+
+def _suspended_note(latches: Mapping[str, Latch]) -> str:
+    held = f"; latches kept, suspended while out: {', '.join(sorted(latches))}" if latches else ""
+    return f"in maintenance, contactor open: out of the bank, its alarms ignored{held}"
 
 
 def _valid_until_s(
@@ -140,14 +160,15 @@ def _valid_until_s(
     admission: Admission,
     isolation: Isolation,
     now_s: float,
+    in_maintenance: bool,
 ) -> float:
     """Until when the outcome stands (see the module docstring)."""
     if isolation.held is not None:
         return now_s  # counting down to its release
     a = admission
     fully_admitted = a.eligible and a.share == 1.0 and not a.note and a.ok_since_s is not None
-    if state is RackState.OK and not fully_admitted:
-        return now_s  # in its hold or ramp
+    if state is RackState.OK and not fully_admitted and not in_maintenance:
+        return now_s  # in its hold or ramp (in maintenance, its admission does not move)
     telemetry, received_s = rack_input.telemetry, rack_input.received_s
     if telemetry is None or received_s is None:
         return FOREVER_S  # never heard: stale with no age to state, until an input comes
@@ -168,6 +189,7 @@ def _view(
     charge_blocks: tuple[Block, ...],
     discharge_blocks: tuple[Block, ...],
     report_blocks: tuple[Block, ...],
+    maintenance: bool,
 ) -> RackView:
     """The rack's line in the consolidated state; the blocks are this rack's own. Its limits are
     those that entered the policy (after the derates) while it is in parallel, else 0."""
@@ -198,4 +220,5 @@ def _view(
         charge_current_limit_a=amps_down(in_parallel.charge_limit_a) if in_parallel else 0.0,
         discharge_current_limit_a=amps_down(in_parallel.discharge_limit_a) if in_parallel else 0.0,
         reason=reason,
+        maintenance=maintenance,
     )

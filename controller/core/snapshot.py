@@ -42,3 +42,5 @@ class Snapshot:
     # Per rack, the monotonic time of the latest accepted "clear latched alarms" command naming it
     # (a clear of every rack names each); a rack absent here was never cleared.
     clear_commands_s: Mapping[str, float] = field(default_factory=_no_clears)
+    # The racks an operator has put in maintenance (controller/core/maintenance.py).
+    maintenance: frozenset[str] = frozenset()

@@ -38,6 +38,7 @@ def step(
             config=config,
             clear_command_s=snapshot.clear_commands_s.get(roster_rack.rack_id),
             now_s=now_s,
+            in_maintenance=roster_rack.rack_id in snapshot.maintenance,
         )
         for roster_rack in config.roster
     ]

@@ -14,7 +14,7 @@ import msgpack
 import pytest
 
 from controller.command_store import CommandStore
-from controller.commands import ClearReport, CommandDesk
+from controller.commands import ClearReport, CommandDesk, MaintenanceReport
 from controller.journal import Journal
 from controller.state_db import StateDb
 from shared.codec import Decoder
@@ -43,10 +43,12 @@ class Site:
         self.replies: list[tuple[str, CommandReply]] = []
         self.events: list[bytes] = []
         self.forced: list[float] = []
+        self.maintenance: set[str] = set()
         self.desk = CommandDesk(
             site_id="site-a", node_id="ctl-a", keys={"alice": KEY}, store=store, window_s=30.0,
             roster=lambda: ("rack-01", "rack-02"), is_active=lambda: self.active,
-            clear_latches=self._clear, force_charge=self._force, publish_reply=self._reply,
+            clear_latches=self._clear, force_charge=self._force, set_maintenance=self._maintain,
+            publish_reply=self._reply,
             wall_clock=lambda: self.now,
             journal=Journal(store.state, site_id="site-a", node_id="ctl-a", publish=self.events.append,
                             wall_clock=lambda: self.now),
@@ -63,6 +65,13 @@ class Site:
             return None
         self.forced.append(duration_s)
         return self.now + duration_s
+
+    def _maintain(self, racks: tuple[str, ...], on: bool, why: str) -> MaintenanceReport | None:
+        if not self.ready:
+            return None
+        changed = tuple(r for r in racks if (r in self.maintenance) != on)
+        self.maintenance = self.maintenance | set(racks) if on else self.maintenance - set(racks)
+        return MaintenanceReport(tuple(sorted(self.maintenance)), changed, f"why={why}")
 
     def _reply(self, command_id: str, payload: bytes) -> None:
         self.replies.append((command_id, Decoder(CommandReply).decode(payload)))
@@ -234,3 +243,39 @@ def test_a_force_charge_without_a_duration_or_with_racks_is_malformed(site: Site
         reply = site.send(msgpack.packb(request))
         assert reply is not None and reply.reason.startswith("malformed"), wrong
     assert site.forced == []
+
+
+def test_maintenance_names_its_racks_and_the_reply_says_what_changed(site: Site) -> None:
+    on = command(action=CommandAction.MAINTENANCE_ON, racks=("rack-02", "rack-02"))
+    reply = site.send(encode_request(on, KEY))
+    assert reply is not None and reply.accepted, reply
+    assert reply.maintenance == ("rack-02",) and reply.maintenance_ended == ()
+    assert "rack-02 put in maintenance" in reply.reason and f"command {on.id} from key alice" in reply.reason
+    again = command(action=CommandAction.MAINTENANCE_ON, racks=("rack-02",))
+    reply = site.send(encode_request(again, KEY))
+    assert reply is not None and "rack-02 already in maintenance" in reply.reason
+    off = command(action=CommandAction.MAINTENANCE_OFF, racks=("rack-02",))
+    reply = site.send(encode_request(off, KEY))
+    assert reply is not None and reply.maintenance == () and reply.maintenance_ended == ("rack-02",)
+    unknown = command(action=CommandAction.MAINTENANCE_ON, racks=("rack-09",))
+    reply = site.send(encode_request(unknown, KEY))
+    assert reply is not None and not reply.accepted and reply.reason.startswith("unknown_rack")
+    assert site.maintenance == set()
+
+
+def test_maintenance_without_racks_is_refused_as_malformed(site: Site) -> None:
+    body = json.dumps(command().model_dump(mode="json") | {"action": "maintenance_on", "racks": []}).encode()
+    reply = site.send(msgpack.packb({"v": 1, "key_id": "alice", "body": body, "signature": sign(body, KEY)}))
+    assert reply is not None and not reply.accepted
+    assert "maintenance_on needs the racks it applies to" in reply.reason
+    assert site.desk.counters["refused_malformed"] == 1
+
+
+def test_maintenance_is_retried_while_the_loop_is_not_ready(site: Site) -> None:
+    site.ready = False
+    on = command(action=CommandAction.MAINTENANCE_ON, racks=("rack-01",))
+    reply = site.send(encode_request(on, KEY))
+    assert reply is not None and not reply.accepted and reply.retry
+    site.ready = True
+    reply = site.send(encode_request(on, KEY))
+    assert reply is not None and reply.accepted and site.maintenance == {"rack-01"}

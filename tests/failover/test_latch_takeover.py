@@ -173,3 +173,37 @@ async def test_a_clear_accepted_by_the_active_releases_the_standbys_latch_too(si
     second.commands.on_request(encode_request(command, bytes.fromhex(KEY)))  # the same bytes again
     assert second.commands.counters["retransmitted"] == 1
     assert second.commands.counters["accepted"] == 0
+
+
+async def _send(site: Site, command_action: CommandAction, racks: tuple[str, ...]) -> None:
+    command = new_command(command_action, key_id="alice", site_id="site-a", racks=racks)
+    site.pub.publish(site.topics.command_request, encode_request(command, bytes.fromhex(KEY)), qos=1)
+
+
+async def test_maintenance_is_shared_kept_through_a_takeover_and_ended_everywhere(site: Site) -> None:
+    first = await site.start(1)
+    await wait_until(lambda: first.role is Role.ACTIVE, 3.0, "n1 active")
+    await site.feed(1.0)
+    await wait_until(lambda: site.ccl[-1] == 200.0, 2.0, "both racks admitted")
+    await _send(site, CommandAction.MAINTENANCE_ON, ("rack-02",))
+    await wait_until(lambda: first.maintenance == {"rack-02"}, 3.0, "rack-02 in maintenance")
+
+    # A standby started afterwards never saw the command: it holds rack-02 in maintenance from the
+    # active's retained set.
+    second = await site.start(2)
+    await wait_until(lambda: second.maintenance == {"rack-02"}, 3.0, "adopted maintenance")
+    await site.feed(1.0)
+    await first.stop()
+    del site.nodes[1]
+    n = len(site.ccl)
+    await wait_until(lambda: second.role is Role.ACTIVE, 3.0, "the takeover")
+    await site.feed(1.5)
+    assert site.ccl[n:] and max(site.ccl[n:]) <= 100.0  # rack-02 never returned to the bank's capacity
+
+    # The old active comes back as a standby; the new active's "off" ends maintenance on both.
+    third = await site.start(1)
+    await wait_until(lambda: third.maintenance == {"rack-02"}, 3.0, "restored and adopted")
+    await _send(site, CommandAction.MAINTENANCE_OFF, ("rack-02",))
+    await wait_until(lambda: not second.maintenance and not third.maintenance, 3.0, "ended everywhere")
+    await site.feed(1.0)
+    await wait_until(lambda: site.ccl[-1] == 200.0, 2.0, "rack-02 back")

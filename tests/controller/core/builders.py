@@ -139,9 +139,10 @@ def snapshot(
     *,
     unknown: Sequence[str] = (),
     clear_command_s: float | None = None,
+    maintenance: frozenset[str] = frozenset(),
 ) -> Snapshot:
     """A snapshot at ``t``: telemetry counts as received at ``t``; a ``RackInput`` is taken as is;
-    ``clear_command_s``: a clear of every rack given at that time."""
+    ``clear_command_s``: a clear of every rack given at that time; ``maintenance``: racks in it."""
     inputs: dict[str, RackInput] = {}
     for rid, spec in racks.items():
         if isinstance(spec, RackInput):
@@ -151,7 +152,8 @@ def snapshot(
         else:
             inputs[rid] = RackInput(rid, telemetry=spec, received_s=t)
     clears = {} if clear_command_s is None else dict.fromkeys(racks, clear_command_s)
-    return Snapshot(racks=inputs, unknown_racks=tuple(unknown), clear_commands_s=clears)
+    return Snapshot(racks=inputs, unknown_racks=tuple(unknown), clear_commands_s=clears,
+                    maintenance=maintenance)
 
 
 def all_racks(n: int, t: float | None = None, **kwargs: Any) -> dict[str, RackSpec]:
@@ -179,6 +181,7 @@ class Cycle:
     dcl_reason: Sequence[str] = ()
     unknown: Sequence[str] = ()
     clear_command_s: float | None = None
+    maintenance: frozenset[str] = frozenset()
     note: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)  # other ConsolidatedState fields
 
@@ -219,7 +222,7 @@ class EngineBeside:
             for rack_input in self._told.values():
                 self.engine.put(rack_input)
         got = self.engine.cycle(t, WALL_OFFSET_S + t, clear_commands_s=snap.clear_commands_s,
-                                unknown_racks=snap.unknown_racks)
+                                maintenance=snap.maintenance, unknown_racks=snap.unknown_racks)
         assert got == state, f"engine and reference differ at t={t}"
         assert self.engine.memory == memory, f"engine and reference memories differ at t={t}"
 
@@ -229,7 +232,8 @@ def run_table(cfg: ControllerConfig, rows: Sequence[Cycle]) -> list[Consolidated
     beside = EngineBeside(cfg, mem)
     results: list[ConsolidatedState] = []
     for i, row in enumerate(rows):
-        snap = snapshot(row.t, row.racks, unknown=row.unknown, clear_command_s=row.clear_command_s)
+        snap = snapshot(row.t, row.racks, unknown=row.unknown, clear_command_s=row.clear_command_s,
+                        maintenance=row.maintenance)
         state, mem = step(snap, cfg, row.t, WALL_OFFSET_S + row.t, mem)
         beside.check(snap, row.t, state, mem)
         results.append(state)

@@ -168,6 +168,7 @@ def scenario(seed: int, n: int = 6, cycles: int = 400) -> list[tuple[ControllerC
     inputs: dict[str, RackInput] = {}
     never_heard = racks[-1].rack_id if seed % 2 else None
     clears: Mapping[str, float] = MappingProxyType({})
+    maintenance: frozenset[str] = frozenset()
     t = 0.0
     out = []
     for i in range(cycles):
@@ -188,11 +189,14 @@ def scenario(seed: int, n: int = 6, cycles: int = 400) -> list[tuple[ControllerC
         if rnd.random() < 0.03:  # a clear of every rack, or of some
             named = [r.rack_id for r in racks if rnd.random() < 0.5] if rnd.random() < 0.5 else rack_ids(n)
             clears = MappingProxyType({**clears, **dict.fromkeys(named, t)})
+        if rnd.random() < 0.02:  # a rack put in maintenance, or taken out of it
+            maintenance ^= {rnd.choice(rack_ids(n))}
         if i == cycles // 2:
             # A reload: a new config object (equal or not) drops the cache once.
             cfg = cfg.model_copy(update={"aggregation": variants[(seed + 1) % len(variants)].aggregation})
         unknown = ("stranger",) if i % 97 == 5 else ()
-        out.append((cfg, t, Snapshot(racks=dict(inputs), unknown_racks=unknown, clear_commands_s=clears)))
+        out.append((cfg, t, Snapshot(racks=dict(inputs), unknown_racks=unknown, clear_commands_s=clears,
+                                     maintenance=maintenance)))
     return out
 
 
@@ -217,6 +221,8 @@ class Compared:
     held: int = 0
     held_volts: int = 0
     strangers: int = 0
+    maintenance: int = 0
+    suspended: int = 0
 
 
 def side_by_side(seed: int, *, hold_back: float, n: int = 6, cycles: int = 400) -> Compared:
@@ -246,16 +252,19 @@ def side_by_side(seed: int, *, hold_back: float, n: int = 6, cycles: int = 400) 
         wall = WALL_OFFSET_S + t
         expected, memory = step(
             Snapshot(racks=dict(given), unknown_racks=snap.unknown_racks,
-                     clear_commands_s=snap.clear_commands_s),
+                     clear_commands_s=snap.clear_commands_s, maintenance=snap.maintenance),
             cfg, t, wall, memory,
         )
-        got = engine.cycle(t, wall, clear_commands_s=snap.clear_commands_s, unknown_racks=snap.unknown_racks)
+        got = engine.cycle(t, wall, clear_commands_s=snap.clear_commands_s, maintenance=snap.maintenance,
+                           unknown_racks=snap.unknown_racks)
         assert got == expected, f"seed {seed} cycle {i} t={t}"
         assert engine.memory == memory, f"seed {seed} cycle {i} t={t}"
         seen.cycles += 1
         seen.held += "held: " in got.ccl_reason
         seen.held_volts += "(counting held" in got.cvl_reason + got.dvl_reason
         seen.strangers += "zz-stranger" in got.unknown_racks
+        seen.maintenance += any(view.maintenance for view in got.racks)
+        seen.suspended += any("suspended while out" in view.reason for view in got.racks)
     assert engine is not None
     seen.recomputed = engine.racks_recomputed
     return seen
@@ -271,6 +280,12 @@ def test_the_engine_equals_the_reference_cycle_by_cycle(seed: int, hold_back: fl
     assert seen.held > 0
     assert seen.held_volts > 0
     assert seen.strangers > 0
+    assert seen.maintenance > 0
+
+
+def test_the_comparison_covers_suspended_latches_of_racks_in_maintenance() -> None:
+    # Over all seeds together: racks in maintenance with their contactor open and latches held.
+    assert sum(side_by_side(seed, hold_back=0.0).suspended for seed in range(12)) > 0
 
 
 def test_an_unchanged_rack_is_left_alone_and_a_changed_or_aging_one_recomputed() -> None:
@@ -330,7 +345,7 @@ def test_a_cycle_that_raised_is_followed_by_the_reference_result(monkeypatch: py
         previous = tell(engine, cfg, snap, previous)
         try:
             got = engine.cycle(t, WALL_OFFSET_S + t, clear_commands_s=snap.clear_commands_s,
-                               unknown_racks=snap.unknown_racks)
+                               maintenance=snap.maintenance, unknown_racks=snap.unknown_racks)
         except RuntimeError:
             raised += 1
             continue  # the reference did not run this cycle either: the memory stays
@@ -348,7 +363,8 @@ def test_the_engine_is_deterministic() -> None:
         for cfg, t, snap in scenario(7, cycles=120):
             engine = engine or Engine(cfg)
             previous = tell(engine, cfg, snap, previous)
-            states.append(engine.cycle(t, WALL_OFFSET_S + t, clear_commands_s=snap.clear_commands_s))
+            states.append(engine.cycle(t, WALL_OFFSET_S + t, clear_commands_s=snap.clear_commands_s,
+                                       maintenance=snap.maintenance))
         return states
 
     assert run() == run()
