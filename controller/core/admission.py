@@ -52,8 +52,16 @@ def admit(ok_since_s: float | None, is_ok: bool, now_s: float, hold_s: float, ra
     return Admission(since_s, True, share, f"ramping in, share {share:.2f}")
 
 
-def quorum_shortfall(eligible: int, min_racks: int) -> str | None:
-    """The reason the bank may not carry current for lack of racks, or None when there are enough."""
-    if eligible < min_racks:
-        return f"not enough racks ({eligible} of min {min_racks})"
-    return None
+def quorum_shortfall(
+    eligible: int, min_racks: int, *, in_hold: int = 0, in_maintenance: int = 0
+) -> str | None:
+    """The reason the bank may not carry current for lack of racks, or None when there are enough.
+
+    ``in_hold``: racks ``ok`` but still in their re-admission hold; ``in_maintenance``: racks an operator
+    took out. Both are named, so that a start-up with every rack ``ok`` says why it waits.
+    """
+    if eligible >= min_racks:
+        return None
+    waiting = [f"{in_hold} in the re-admission hold"] if in_hold else []
+    waiting += [f"{in_maintenance} in maintenance"] if in_maintenance else []
+    return f"not enough racks ({eligible} of min {min_racks}{'; ' if waiting else ''}{', '.join(waiting)})"

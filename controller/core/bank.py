@@ -48,7 +48,7 @@ from controller.core.policies import (
 from controller.core.provenance import held_text, limit_reason
 from controller.core.rack_outcome import RackOutcome
 from controller.core.slew import slew
-from shared.cluster import ClusterFlags, ConsolidatedState, RackView
+from shared.cluster import ClusterFlags, ConsolidatedState, RackState, RackView
 from shared.controller_config import AggregationConfig, ControllerConfig
 from shared.models import CURRENT_ABS_MAX_A, ProtectionFlags
 
@@ -145,7 +145,13 @@ def consolidate(
     eligible = bank.eligible
     latches_by_rack = bank.latches_by_rack
     charge_blocks, discharge_blocks = bank.charge_blocks, bank.discharge_blocks
-    shortfall = quorum_shortfall(eligible, agg.min_racks)
+    shortfall = None
+    if eligible < agg.min_racks:  # rare: counting the waiting racks costs a pass over the views
+        shortfall = quorum_shortfall(
+            eligible, agg.min_racks,
+            in_hold=sum(v.state is RackState.OK and not v.eligible and not v.maintenance for v in bank.views),
+            in_maintenance=sum(v.maintenance for v in bank.views),
+        )
     quorum_reasons = [shortfall] if shortfall else []
 
     pack_pick = picks["pack_voltage_v"]

@@ -59,7 +59,7 @@ def test_a_rack_in_maintenance_does_not_count_toward_min_racks() -> None:
         Cycle(0.0, _racks()),
         Cycle(0.5, _racks(), ccl=300.0),
         Cycle(1.0, _racks(contactor=OPEN), maintenance=M3, ccl=0.0, dcl=0.0, eligible=2,
-              cluster=("not_enough_racks",), ccl_reason=["not enough racks (2 of min 3)"]),
+              cluster=("not_enough_racks",), ccl_reason=["not enough racks (2 of min 3; 1 in maintenance)"]),
     ])
 
 

@@ -165,6 +165,10 @@ def test_admission(ok_since: float | None, is_ok: bool, now: float, eligible: bo
 
 def test_quorum_shortfall() -> None:
     assert quorum_shortfall(1, 2) == "not enough racks (1 of min 2)"
+    assert quorum_shortfall(0, 1, in_hold=3) == "not enough racks (0 of min 1; 3 in the re-admission hold)"
+    assert quorum_shortfall(1, 3, in_hold=1, in_maintenance=1) == (
+        "not enough racks (1 of min 3; 1 in the re-admission hold, 1 in maintenance)")
+    assert quorum_shortfall(2, 2, in_hold=5) is None
     assert quorum_shortfall(2, 2) is None
 
 
