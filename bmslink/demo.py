@@ -65,6 +65,10 @@ profile = "{profile}"
 SITE_ACTIONS = ("kill_active", "restart_controller", "restart_broker")
 CONTROLLERS = (("ctl-a", 1, 0), ("ctl-b", 2, 1))  # name, node number, rank
 KILL_WAIT_S = 5.0  # a SIGKILLed controller is reaped within this
+# Every simulated rack reports this current (positive: charging), and the simulated inverter asks for
+# their sum: the two are separate simulations with no shared circuit, so they agree by construction
+# (while the limits allow it: a limit below the sum clamps the inverter, not the racks' reports).
+RACK_CURRENT_A = 40.0
 
 
 def split_scenario(path: Path, run_dir: Path) -> tuple[Path | None, list[tuple[float, str]]]:
@@ -150,7 +154,7 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
             await asyncio.to_thread(bridge.start)
             bms_port = free_port(span=args.racks)
             sim_argv = [*bmslink, "sim", "bms", "--racks", str(args.racks), "--transport", "tcp",
-                        "--host", "127.0.0.1", "--port", str(bms_port), "--current", "40"]
+                        "--host", "127.0.0.1", "--port", str(bms_port), "--current", f"{RACK_CURRENT_A:g}"]
             site_events: list[tuple[float, str]] = []
             if args.scenario is not None:
                 sim_scenario, site_events = split_scenario(args.scenario, run_dir)
@@ -171,7 +175,8 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
             status_file = run_dir / "inverter.json"
             procs.start("inverter", [*bmslink, "sim", "inverter", "--interface", "remote",
                                      "--channel", bridge.channel, "--dialect", "pylon",
-                                     "--ignore-id", "0x6E0", "--status-file", str(status_file)])
+                                     "--ignore-id", "0x6E0", "--status-file", str(status_file),
+                                     "--profile", f"{RACK_CURRENT_A * args.racks:g}:3600"])
             view_events: list[str] = []
             site = SiteControl(procs, broker, run_dir, bmslink, log=view_events)
             tasks = [asyncio.create_task(site.run_events(site_events), name="demo-site-events")]

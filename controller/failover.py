@@ -211,8 +211,18 @@ class RoleMachine:
             silent_s = now_s - (self.last_active_heard_s if self.last_active_heard_s is not None else now_s)
             if silent_s >= self.takeover_after_s(now_s):
                 self._take_over(now_s, f"no active heard for {silent_s * 1000:.0f} ms")
+                return
+            self._describe_standby(now_s)
             return
         self._consider_handover(now_s, fresh_racks, min_fresh_racks)
+
+    def _describe_standby(self, now_s: float) -> None:
+        """A standby past its listening window says whom it follows (not how it started)."""
+        peer = self.active_peer
+        if peer is not None and self.peer_active_live(now_s):
+            following = f"standby: following active node {peer.node_number} (epoch {peer.epoch})"
+            if self.reason != following:
+                self.reason = following
 
     def _take_over(self, now_s: float, reason: str) -> None:
         self.epoch = min(self.epoch_seen + 1, EPOCH_MAX)

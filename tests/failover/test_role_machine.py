@@ -57,6 +57,9 @@ def test_a_starting_node_that_hears_an_active_never_transmits() -> None:
         assert tick(m, t) is Role.STANDBY
         t += 0.1
     assert m.role is Role.STANDBY and m.epoch_seen == 7
+    # Past its listening window it says whom it follows, not how it started (it was shown for good).
+    assert m.reason == "standby: following active node 1 (epoch 7)"
+    assert m.transitions == 0
 
 
 def test_two_simultaneous_starts_resolve_by_rank() -> None:
