@@ -8,15 +8,17 @@ cycle and the incremental engine side by side (``run_table``).
 
 from __future__ import annotations
 
+from typing import Any
+
 from shared.models import ContactorState
-from tests.controller.core.builders import Cycle, config, run_table, telemetry
+from tests.controller.core.builders import Cycle, RackSpec, config, run_table, telemetry
 
 OPEN = ContactorState.OPEN
 M3 = frozenset({"r3"})
 
 
-def _racks(**r3: object) -> dict[str, object]:
-    return {"r1": telemetry("r1"), "r2": telemetry("r2"), "r3": telemetry("r3", **r3)}  # type: ignore[arg-type]
+def _racks(**r3: Any) -> dict[str, RackSpec]:
+    return {"r1": telemetry("r1"), "r2": telemetry("r2"), "r3": telemetry("r3", **r3)}
 
 
 def test_a_rack_in_maintenance_adds_nothing_but_its_limits_bind_while_in_parallel() -> None:
@@ -92,7 +94,7 @@ def test_an_alarm_seen_while_out_is_not_latched_but_one_present_when_it_closes_i
 
 
 def test_a_rack_in_maintenance_lost_while_in_parallel_is_held_until_isolation() -> None:
-    lost = {"r1": telemetry("r1"), "r2": telemetry("r2"), "r3": None}
+    lost: dict[str, RackSpec] = {"r1": telemetry("r1"), "r2": telemetry("r2"), "r3": None}
     run_table(config(3, isolation_s=10.0), [
         Cycle(-1.0, _racks()),
         Cycle(0.0, _racks(ccl=40.0), maintenance=M3, ccl=80.0),
