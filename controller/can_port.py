@@ -22,6 +22,11 @@ Three things make a dead bus harmless:
 Error frames (bus-off, error-passive, no-ACK) and send failures (ENOBUFS when nobody acknowledges)
 are counted, never fatal: after ``failures_before_fault`` consecutive failed sends the port reports
 itself unhealthy (failover acts on that) and reopens the bus.
+
+In a dialect whose inverter asks for the frame set (Pylon HV's 0x4200), the control loop registers a
+request handler (:meth:`CanPort.set_request_handler`): the inverter's requests go there, on the
+loop, as soon as they are read (``inverter_requests``), and never to ``on_frame``: a request is
+neither ours nor another battery's frame.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ STOP_WAIT_S = 2.0  # how long stop() waits for closing threads
 RX_QUEUE_FRAMES = 4096  # frames between the reader thread and the loop; beyond it they are dropped, counted
 
 FrameHandler = Callable[[can.Message, float], None]
+RequestMatcher = Callable[[can.Message], bool]
 
 
 @dataclass
@@ -174,6 +180,7 @@ class CanPort:
         self.config = config
         self._failures_before_fault = failures_before_fault or config.send_failures_before_fault
         self._on_frame = on_frame
+        self._requests: tuple[RequestMatcher, FrameHandler] | None = None
         self._on_reopened = on_reopened
         self._backoff = backoff or Backoff()
         self._open: _Open | None = None
@@ -185,6 +192,11 @@ class CanPort:
         self.counters: Counter[str] = Counter()
         self.consecutive_send_failures = 0
         self.last_error = ""
+
+    def set_request_handler(self, is_request: RequestMatcher, handler: FrameHandler) -> None:
+        """Frames for which ``is_request(msg)`` holds (an inverter asking for the set) go to
+        ``handler(msg, received_monotonic_s)`` instead of ``on_frame``."""
+        self._requests = (is_request, handler)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -372,6 +384,11 @@ class CanPort:
             self._count_error_frame(msg)
             return
         self.counters["rx_frames"] += 1
+        requests = self._requests
+        if requests is not None and requests[0](msg):
+            self.counters["inverter_requests"] += 1
+            requests[1](msg, now)
+            return
         if self._on_frame is not None:
             self._on_frame(msg, now)
 

@@ -29,6 +29,7 @@ from cantools.database.errors import DecodeError as CanDecodeError
 
 from controller.can_port import CanPort
 from controller.failover import ForeignTransmitterWatch, PeerBeat, Role, RoleMachine, WireRole
+from controller.frames import DIALECT_LIMITS_ID, EXTENDED_ID_DIALECTS
 from controller.stats import ControllerStats
 from shared.cluster import ConsolidatedState, ControllerStatus, LeaderRecord, RackState
 from shared.codec import DecodeError, Decoder, encode
@@ -96,6 +97,9 @@ class FailoverLink:
         self.foreign = ForeignTransmitterWatch(grace_s=failover.silence_s if claimable else 0.0,
                                                hold_s=FOREIGN_HOLD_S)
         self._foreign_raised = False
+        # Pylon HV: another battery's 29-bit limits answer (0x4220) is a foreign transmitter too.
+        self._limits_id = DIALECT_LIMITS_ID[config.can.dialect]
+        self._extended_limits = config.can.dialect in EXTENDED_ID_DIALECTS
         self._throttled = ThrottledLog(log)
         self._beat_msg = load_dbc("bmslink").get_message_by_name("Controller_Heartbeat")
         self._last_pulse = monotonic()
@@ -141,7 +145,7 @@ class FailoverLink:
                 "foreign_transmitter",
                 "foreign transmitter: limits frames (0x%03X) on the inverter bus from a node that is not "
                 "a bmslink controller (%d so far); the inverter hears conflicting limits. %s",
-                ID_LIMITS, self.foreign.frames, self._foreign_policy(),
+                self._limits_id, self.foreign.frames, self._foreign_policy(),
             )
         raised = self.foreign.raised(now_s)
         if raised is not self._foreign_raised:
@@ -277,7 +281,12 @@ class FailoverLink:
 
     def on_can_frame(self, msg: can.Message, now_s: float) -> None:
         if msg.is_extended_id:
-            return  # the inverter protocol and our heartbeat use 11-bit IDs only
+            # Pylon HV: a 0x4220 we did not send is another battery's answer. (The inverter's requests
+            # never reach here: the CAN port hands them to the control loop.) Otherwise the inverter
+            # protocol and our heartbeat use 11-bit IDs only.
+            if self._extended_limits and msg.arbitration_id == self._limits_id:
+                self._on_limits_frame(now_s)
+            return
         failover = self.config.failover
         if msg.arbitration_id == ID_LIMITS:
             self._on_limits_frame(now_s)

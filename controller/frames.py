@@ -1,9 +1,10 @@
 """Inverter CAN frames: one :class:`ConsolidatedState` in, the dialect's full frame set out — and back.
 
 This module is the one place where the consolidated battery becomes wire values. It only *chooses*
-values; cantools packs every frame from ``shared/dbc/pylon.dbc`` (dialect ``pylon``) or
-``shared/dbc/sma.dbc`` (``victron`` and ``sma``). References in comments are to
-``inverter-can.md`` (§ numbers) and its sources.
+values; cantools packs every frame from ``shared/dbc/pylon.dbc`` (dialect ``pylon``),
+``shared/dbc/sma.dbc`` (``victron`` and ``sma``) or ``shared/dbc/pylon_hv.dbc`` (``pylon_hv``).
+References in comments are to ``inverter-can.md`` (§ numbers) and its sources; the Pylon HV set, its
+sources and where they disagree are in ``docs/inverter-dialects.md``.
 
 What the encoder guarantees on every set, whatever the state says (the core should already make all
 of it true; the encoder fixes it anyway and counts each fix in :attr:`FrameEncoder.clamped`):
@@ -19,15 +20,24 @@ of it true; the encoder fixes it anyway and counts each fix in :attr:`FrameEncod
   Consequence for the core: an alarm put into ``state.alarms`` stops that direction for the whole
   bank; an excluded rack's alarm belongs elsewhere (its :class:`RackView`) if the bank carries on.
 
-Frames are always 8 bytes with standard 11-bit IDs. Padding (bits no signal covers) is 0x00 for
-Pylon and Victron (real-battery and BYD traces), and 0xFF for SMA, where unused words must read
-"invalid" 0xFFFF (SMA-TI §5.1).
+Frames are always 8 bytes, with standard 11-bit IDs in the low-voltage dialects and 29-bit IDs in
+``pylon_hv``. Padding (bits no signal covers) is 0x00 for Pylon, Pylon HV and Victron (real-battery
+and BYD traces), and 0xFF for SMA, where unused words must read "invalid" 0xFFFF (SMA-TI §5.1).
+
+Pylon HV differs in kind: the inverter asks (0x4200, byte 0 = what) and the battery answers with the
+"ensemble information" (:data:`DIALECT_IDS`) or the "system equipment information"
+(:meth:`FrameEncoder.equipment_frames`). Its currents carry an offset of -3000 A and the maximum
+discharge current is sent *negative* (raw = 30000 - 10 × DCL): a DCL beyond 3000 A, a CCL beyond
+3553.5 A or a module voltage beyond 65.535 V cannot be carried and is saturated and counted like
+every other value here.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -58,7 +68,26 @@ ID_MODULE_COUNTS = 0x372
 ID_CELL_EXTREMES = 0x373
 ID_CAPACITY = 0x379
 
-# Send order: limits first (a real Pylontech burst starts with 0x351; §5.13 wants a stable order).
+# Pylon HV (29-bit IDs, docs/inverter-dialects.md). The inverter's request, the "ensemble information"
+# answer and the "system equipment information" answer.
+ID_HV_REQUEST = 0x4200
+ID_HV_TOTAL = 0x4210
+ID_HV_LIMITS = 0x4220
+ID_HV_CELL_VOLTAGES = 0x4230
+ID_HV_CELL_TEMPERATURES = 0x4240
+ID_HV_STATUS = 0x4250
+ID_HV_MODULE_VOLTAGES = 0x4260
+ID_HV_MODULE_TEMPERATURES = 0x4270
+ID_HV_FORBIDDEN = 0x4280
+ID_HV_FAULT_EXTENSION = 0x4290
+ID_HV_VERSION = 0x7310
+ID_HV_MODULES = 0x7320
+ID_HV_NAME_1 = 0x7330
+ID_HV_NAME_2 = 0x7340
+HV_EQUIPMENT_IDS: tuple[int, ...] = (ID_HV_VERSION, ID_HV_MODULES, ID_HV_NAME_1, ID_HV_NAME_2)
+
+# Send order: limits first (a real Pylontech burst starts with 0x351; §5.13 wants a stable order). Pylon
+# HV answers in its ID order, as every emulator and the real SC0500 traces do.
 DIALECT_IDS: Mapping[Dialect, tuple[int, ...]] = MappingProxyType({
     Dialect.PYLON: (ID_LIMITS, ID_SOC_SOH, ID_MEASUREMENTS, ID_PROTECTION, ID_REQUEST, ID_MANUFACTURER),
     Dialect.SMA: (ID_LIMITS, ID_SOC_SOH, ID_MEASUREMENTS, ID_ALARMS, ID_MANUFACTURER, ID_INFO),
@@ -66,14 +95,28 @@ DIALECT_IDS: Mapping[Dialect, tuple[int, ...]] = MappingProxyType({
         ID_LIMITS, ID_SOC_SOH, ID_MEASUREMENTS, ID_ALARMS, ID_MANUFACTURER, ID_INFO,
         ID_MODULE_COUNTS, ID_CELL_EXTREMES, ID_CAPACITY,
     ),
+    Dialect.PYLON_HV: (
+        ID_HV_TOTAL, ID_HV_LIMITS, ID_HV_CELL_VOLTAGES, ID_HV_CELL_TEMPERATURES, ID_HV_STATUS,
+        ID_HV_MODULE_VOLTAGES, ID_HV_MODULE_TEMPERATURES, ID_HV_FORBIDDEN, ID_HV_FAULT_EXTENSION,
+    ),
 })
 DIALECT_DBC: Mapping[Dialect, str] = MappingProxyType(
-    {Dialect.PYLON: "pylon", Dialect.SMA: "sma", Dialect.VICTRON: "sma"}
+    {Dialect.PYLON: "pylon", Dialect.SMA: "sma", Dialect.VICTRON: "sma", Dialect.PYLON_HV: "pylon_hv"}
 )
-# Unused bits: 1s for SMA (0xFFFF = invalid, SMA-TI §5.1), 0s for Pylon/Victron (real traces, §3 pitfall 7).
+# Unused bits: 1s for SMA (0xFFFF = invalid, SMA-TI §5.1), 0s for Pylon/Victron (real traces, §3 pitfall 7)
+# and Pylon HV (every emulator zero-fills).
 DIALECT_PADDING: Mapping[Dialect, bool] = MappingProxyType(
-    {Dialect.PYLON: False, Dialect.SMA: True, Dialect.VICTRON: False}
+    {Dialect.PYLON: False, Dialect.SMA: True, Dialect.VICTRON: False, Dialect.PYLON_HV: False}
 )
+# The frame that carries the charge/discharge limits: what the foreign-transmitter watch and the
+# simulated inverter key on.
+DIALECT_LIMITS_ID: Mapping[Dialect, int] = MappingProxyType({
+    Dialect.PYLON: ID_LIMITS, Dialect.SMA: ID_LIMITS, Dialect.VICTRON: ID_LIMITS,
+    Dialect.PYLON_HV: ID_HV_LIMITS,
+})
+EXTENDED_ID_DIALECTS: frozenset[Dialect] = frozenset({Dialect.PYLON_HV})
+# Dialects whose inverter asks for the set; the others broadcast it unasked.
+POLLED_DIALECTS: frozenset[Dialect] = frozenset({Dialect.PYLON_HV})
 # Sent by inverters (§1 "Inverter-originated frames"); a BMS transmitting them collides with the inverter.
 INVERTER_IDS: frozenset[int] = frozenset({0x300, 0x305, 0x306, 0x307})
 FRAME_DLC = 8
@@ -88,6 +131,21 @@ PYLON_MARKER_P, PYLON_MARKER_N = 0x50, 0x4E  # 0x359 bytes 5-6, 'P' 'N'
 PYLON_NAME_PREFIX = "PYLON"  # Deye recognises the battery only with this prefix (§1 0x35E)
 NAME_LENGTH = 8
 NAME_PAD = 0x20  # the real Pylontech trace pads "PYLON" with spaces
+HV_NAME_LENGTH = 16  # 0x7330 + 0x7340; NUL-padded, as Battery-Emulator and diyBMS send it
+HV_FORBIDDEN = 0xAA  # 0x4280: "forbidden"; 0x00 = allowed (every source agrees)
+HV_ALLOWED = 0x00
+# 0x4250 basic status (bits 0-2): what the battery is doing, from the current (positive = charging).
+HV_STATUS_SLEEP, HV_STATUS_CHARGE, HV_STATUS_DISCHARGE, HV_STATUS_IDLE = 0, 1, 2, 3
+HV_IDLE_CURRENT_A = 0.5  # within this of zero the bank is idle
+_LOCATION_NUMBER = re.compile(r"(\d+)\D*$")
+
+
+class HvRequest(IntEnum):
+    """Byte 0 of the inverter's 0x4200 (Battery-Emulator PYLON-BATTERY.cpp, diyBMS pylonforce)."""
+
+    ENSEMBLE = 0x00  # answer 0x4210..0x4290
+    CELL_VOLTAGES = 0x01  # individual cell voltages: not supported, ignored (counted)
+    EQUIPMENT = 0x02  # answer 0x7310..0x7340
 
 
 class Pair(IntEnum):
@@ -217,7 +275,65 @@ PAIR_BLOCKS: Mapping[str, Block] = MappingProxyType({
     "AlarmBmsInternal": Block.BOTH,
     "AlarmCellImbalance": Block.BOTH,
 })
-WIRE_ALARM_BLOCKS: Mapping[str, Block] = MappingProxyType({**PYLON_BIT_BLOCKS, **PAIR_BLOCKS})
+
+# 0x4250 (Pylon HV): the protection word (a trip: our alarms) and the alarm word (warning level: our
+# warnings) share one bit order; signal -> the flags that set it. The module bits have no source in
+# the contract. Internal, insulation and imbalance trips are "other error" in the fault byte; as
+# warnings they have no bit and are not shown on this dialect.
+HV_PROTECT_BITS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "ProtectCellUnderVoltage": ("cell_under_voltage",),
+    "ProtectCellOverVoltage": ("cell_over_voltage",),
+    "ProtectSystemUnderVoltage": ("pack_under_voltage",),
+    "ProtectSystemOverVoltage": ("pack_over_voltage",),
+    "ProtectChargeUnderTemperature": ("charge_under_temperature",),
+    "ProtectChargeOverTemperature": ("charge_over_temperature",),
+    "ProtectDischargeUnderTemperature": ("discharge_under_temperature",),
+    "ProtectDischargeOverTemperature": ("discharge_over_temperature",),
+    "ProtectChargeOverCurrent": ("charge_over_current",),
+    "ProtectDischargeOverCurrent": ("discharge_over_current",),
+    "ProtectModuleUnderVoltage": (),
+    "ProtectModuleOverVoltage": (),
+})
+HV_WARN_BITS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "WarnCellLowVoltage": ("cell_under_voltage",),
+    "WarnCellHighVoltage": ("cell_over_voltage",),
+    "WarnSystemLowVoltage": ("pack_under_voltage",),
+    "WarnSystemHighVoltage": ("pack_over_voltage",),
+    "WarnChargeLowTemperature": ("charge_under_temperature",),
+    "WarnChargeHighTemperature": ("charge_over_temperature",),
+    "WarnDischargeLowTemperature": ("discharge_under_temperature",),
+    "WarnDischargeHighTemperature": ("discharge_over_temperature",),
+    "WarnChargeOverCurrent": ("charge_over_current",),
+    "WarnDischargeOverCurrent": ("discharge_over_current",),
+    "WarnModuleLowVoltage": (),
+    "WarnModuleHighVoltage": (),
+})
+HV_FAULT_BITS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "FaultOther": ("internal_fault", "insulation_fault", "cell_imbalance"),
+})
+_HV_MAPPED = {flag for table in (HV_PROTECT_BITS, HV_FAULT_BITS)
+              for flags in table.values() for flag in flags}
+_HV_UNMAPPED = set(PROTECTION_FLAG_NAMES) - _HV_MAPPED
+if _HV_UNMAPPED:  # every trip must reach the inverter
+    raise RuntimeError(f"Pylon HV 0x4250 does not carry {sorted(_HV_UNMAPPED)}")
+HV_BIT_BLOCKS: Mapping[str, Block] = MappingProxyType({
+    "ProtectCellUnderVoltage": Block.DISCHARGE,
+    "ProtectCellOverVoltage": Block.CHARGE,
+    "ProtectSystemUnderVoltage": Block.DISCHARGE,
+    "ProtectSystemOverVoltage": Block.CHARGE,
+    "ProtectChargeUnderTemperature": Block.CHARGE,
+    "ProtectChargeOverTemperature": Block.CHARGE,
+    "ProtectDischargeUnderTemperature": Block.DISCHARGE,
+    "ProtectDischargeOverTemperature": Block.DISCHARGE,
+    "ProtectChargeOverCurrent": Block.CHARGE,
+    "ProtectDischargeOverCurrent": Block.DISCHARGE,
+    "ProtectModuleUnderVoltage": Block.DISCHARGE,
+    "ProtectModuleOverVoltage": Block.CHARGE,
+    "FaultOther": Block.BOTH,
+})
+WIRE_ALARM_BLOCKS: Mapping[str, Block] = MappingProxyType(
+    {**PYLON_BIT_BLOCKS, **PAIR_BLOCKS, **HV_BIT_BLOCKS}
+)
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -251,9 +367,14 @@ class _Field:
     offset: float
     raw_min: int
     raw_max: int
+    zero_raw: int = 0  # the counts of a physical 0 (Pylon HV currents: 30000)
+    # raw = round(value / scale) + zero_raw: the value is rounded on its own grid, not after adding
+    # an offset (3000.05 A is not a float; 0.05 A must round like 0.05 A). Pylon HV only: the
+    # low-voltage fields keep their bytes.
+    from_zero: bool = False
 
     @classmethod
-    def of(cls, frame_id: int, signal: DbcSignal) -> _Field:
+    def of(cls, frame_id: int, signal: DbcSignal, *, from_zero: bool = False) -> _Field:
         if signal.is_signed:
             lo, hi = -(1 << (signal.length - 1)), (1 << (signal.length - 1)) - 1
         else:
@@ -264,7 +385,7 @@ class _Field:
             lo = max(lo, math.ceil(round((signal.minimum - offset) / scale, 6)))
         if signal.maximum is not None:
             hi = min(hi, math.floor(round((signal.maximum - offset) / scale, 6)))
-        return cls(f"{frame_id:#05x}.{signal.name}", scale, offset, lo, hi)
+        return cls(f"{frame_id:#05x}.{signal.name}", scale, offset, lo, hi, round(-offset / scale), from_zero)
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +428,9 @@ def _flag_sets(table: Mapping[str, tuple[str, ...]]) -> tuple[tuple[str, frozens
 _PYLON_ALARM_SETS = _flag_sets(PYLON_ALARM_BITS)
 _PYLON_WARNING_SETS = _flag_sets(PYLON_WARNING_BITS)
 _PAIR_SETS = tuple((f"Alarm{name}", f"Warning{name}", flags) for name, flags in _flag_sets(PAIR_SOURCES))
+_HV_PROTECT_SETS = _flag_sets(HV_PROTECT_BITS)
+_HV_WARN_SETS = _flag_sets(HV_WARN_BITS)
+_HV_FAULT_SETS = _flag_sets(HV_FAULT_BITS)
 
 
 def manufacturer_bytes(name: str) -> bytes:
@@ -315,26 +439,79 @@ def manufacturer_bytes(name: str) -> bytes:
     return text.ljust(NAME_LENGTH, bytes([NAME_PAD]))
 
 
+def hv_name_bytes(name: str) -> bytes:
+    """The 16 bytes of 0x7330 + 0x7340: the name, NUL-padded."""
+    return name.encode("ascii", errors="replace")[:HV_NAME_LENGTH].ljust(HV_NAME_LENGTH, b"\x00")
+
+
+def location_number(location: str) -> int:
+    """The number the rack's own location ends with ("rack-03: cell 17" -> 17), for the Pylon HV
+    "number of the highest cell" fields; 0 (not provided) when the rack gave no location, it has no
+    number, or the number does not fit a u16. The rack id before ": " is never read as one."""
+    _rack, sep, place = location.rpartition(": ")
+    if not sep:
+        return 0
+    match = _LOCATION_NUMBER.search(place)
+    if match is None:
+        return 0
+    number = int(match.group(1))
+    return number if number <= 0xFFFF else 0
+
+
+def inverter_request(dialect: Dialect, msg: can.Message) -> int | None:
+    """Byte 0 of an inverter's request frame in ``dialect`` (:class:`HvRequest` values), or None when
+    ``msg`` is not one. Only byte 0 is read: some inverters fill the rest (a clock), which no source
+    gives a meaning the battery must act on."""
+    if dialect not in POLLED_DIALECTS or msg.arbitration_id != ID_HV_REQUEST or not msg.is_extended_id:
+        return None
+    if msg.is_remote_frame or msg.is_error_frame or not msg.data:
+        return None
+    return int(msg.data[0])
+
+
+def hv_request_frame(kind: int, tail: bytes = b"") -> can.Message:
+    """The inverter's 0x4200 asking for ``kind`` (byte 0), packed from the DBC; ``tail`` fills bytes 1-7."""
+    message = load_dbc(DIALECT_DBC[Dialect.PYLON_HV]).get_message_by_frame_id(ID_HV_REQUEST)
+    data = bytearray(message.encode({"RequestKind": kind}, scaling=False, strict=False))
+    data[1:1 + len(tail[:FRAME_DLC - 1])] = tail[:FRAME_DLC - 1]
+    return can.Message(arbitration_id=ID_HV_REQUEST, data=bytes(data), is_extended_id=True, dlc=FRAME_DLC)
+
+
+def _package_version() -> tuple[int, int]:
+    """(major, minor) of bmslink, for 0x7310's software version; (0, 0) if it is not installed."""
+    try:
+        parts = importlib.metadata.version("bmslink").split(".")
+        return int(parts[0]), int(parts[1])
+    except (importlib.metadata.PackageNotFoundError, ValueError, IndexError):
+        return 0, 0
+
+
 class FrameEncoder:
     """Encodes a :class:`ConsolidatedState` into the full frame set of one dialect.
 
     Stateless apart from counters: the same state always gives byte-identical frames. ``module_count``
-    is the 0x359 pack count (Pylon; saturates at 255, the u8 field). cantools Message objects are
-    looked up once and the constant 0x35E is packed once.
+    is the 0x359 pack count (Pylon; saturates at 255, the u8 field). ``capacity_ah`` is the installed
+    capacity the Pylon HV equipment frame 0x7320 names (the roster's sum). cantools Message objects
+    are looked up once and the constant frames (0x35E, the Pylon HV equipment set) are packed once.
     """
 
-    def __init__(self, config: InverterCanConfig, module_count: int) -> None:
+    def __init__(self, config: InverterCanConfig, module_count: int, *, capacity_ah: float = 0.0) -> None:
         if module_count < 1:
             raise ValueError(f"module_count must be >= 1 (the 0x359 pack count), got {module_count}")
         self.config = config
         self.dialect = config.dialect
         self.ids: tuple[int, ...] = DIALECT_IDS[self.dialect]
+        self.extended = self.dialect in EXTENDED_ID_DIALECTS
+        self.polled = self.dialect in POLLED_DIALECTS
+        self.limits_id = DIALECT_LIMITS_ID[self.dialect]
         self._padding = DIALECT_PADDING[self.dialect]
         db = load_dbc(DIALECT_DBC[self.dialect])
         self._frames: dict[int, _Frame] = {}
-        for frame_id in self.ids:
+        equipment_ids = HV_EQUIPMENT_IDS if self.dialect is Dialect.PYLON_HV else ()
+        for frame_id in (*self.ids, *equipment_ids):
             message = db.get_message_by_frame_id(frame_id)
-            fields = {s.name: _Field.of(frame_id, s) for s in message.signals}
+            fields = {s.name: _Field.of(frame_id, s, from_zero=self.dialect is Dialect.PYLON_HV)
+                      for s in message.signals}
             self._frames[frame_id] = _Frame(frame_id, message, MappingProxyType(fields))
         self._clamped = 0
         self._reasons: Counter[str] = Counter()
@@ -354,6 +531,15 @@ class FrameEncoder:
             ID_MODULE_COUNTS: self._module_counts,
             ID_CELL_EXTREMES: self._cell_extremes,
             ID_CAPACITY: self._capacity,
+            ID_HV_TOTAL: self._hv_total,
+            ID_HV_LIMITS: self._limits,
+            ID_HV_CELL_VOLTAGES: self._hv_cell_voltages,
+            ID_HV_CELL_TEMPERATURES: self._hv_cell_temperatures,
+            ID_HV_STATUS: self._hv_status,
+            ID_HV_MODULE_VOLTAGES: self._hv_module_voltages,
+            ID_HV_MODULE_TEMPERATURES: self._hv_module_temperatures,
+            ID_HV_FORBIDDEN: self._hv_forbidden,
+            ID_HV_FAULT_EXTENSION: self._hv_fault_extension,
         }
         self._name = manufacturer_bytes(config.manufacturer)
         self._constant: dict[int, bytes] = {}
@@ -362,6 +548,9 @@ class FrameEncoder:
             name = {f"Name{i}": byte for i, byte in enumerate(self._name)}
             self._constant[ID_MANUFACTURER] = self._pack(self._frames[ID_MANUFACTURER], name)
         self._builders = tuple((self._frames[i], builders[i]) for i in self.ids)
+        self._equipment: tuple[tuple[int, bytes], ...] = (
+            self._hv_equipment(capacity_ah) if self.dialect is Dialect.PYLON_HV else ()
+        )
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -376,8 +565,15 @@ class FrameEncoder:
         return dict(self._reasons)
 
     def encode(self, state: ConsolidatedState) -> list[can.Message]:
-        """The full set in :attr:`ids` order: standard IDs, DLC 8, dialect padding."""
+        """The full set in :attr:`ids` order: the dialect's IDs (29-bit for Pylon HV), DLC 8, dialect
+        padding. For Pylon HV this is the "ensemble information" answer."""
         return list(self.frames(state))
+
+    def equipment_frames(self) -> list[can.Message]:
+        """The Pylon HV "system equipment information" answer (0x7310, 0x7320, 0x7330, 0x7340): the
+        configuration's, so constant; empty in the other dialects."""
+        return [can.Message(arbitration_id=frame_id, data=data, is_extended_id=True, dlc=FRAME_DLC)
+                for frame_id, data in self._equipment]
 
     def frames(self, state: ConsolidatedState) -> Iterator[can.Message]:
         """The set of :meth:`encode`, made one frame at a time: a sender puts the limits frame on
@@ -396,7 +592,8 @@ class FrameEncoder:
                 else:
                     data = self._pack(frame, raw)
                     self._last_packed[frame.frame_id] = (key, data)
-            yield can.Message(arbitration_id=frame.frame_id, data=data, is_extended_id=False, dlc=FRAME_DLC)
+            yield can.Message(arbitration_id=frame.frame_id, data=data, is_extended_id=self.extended,
+                              dlc=FRAME_DLC)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -434,7 +631,10 @@ class FrameEncoder:
         if math.isinf(value):
             self._note(field.key)
             return field.raw_max if value > 0 else field.raw_min
-        raw = round((value - field.offset) / field.scale)
+        if field.from_zero:
+            raw = round(value / field.scale) + field.zero_raw
+        else:
+            raw = round((value - field.offset) / field.scale)
         if raw < field.raw_min:
             self._note(field.key)
             return field.raw_min
@@ -444,7 +644,7 @@ class FrameEncoder:
         return raw
 
     def _decide(self, state: ConsolidatedState) -> _Decision:
-        f = self._frames[ID_LIMITS].fields
+        f = self._frames[self.limits_id].fields
         cvl_field, dvl_field = f["ChargeVoltageLimit"], f["DischargeVoltageLimit"]
         dvl_raw = self._raw(dvl_field, state.discharge_voltage_limit_v, minimum=0.0)
         cvl = state.charge_voltage_limit_v
@@ -466,20 +666,27 @@ class FrameEncoder:
         # it does); only a missing quorum stops both directions at the bank level.
         cluster_trip = state.cluster.not_enough_racks
         charge_blocked, discharge_blocked = _blocks(alarms, cluster_trip)
-        ccl_raw = self._permitted(f["ChargeCurrentLimit"], state.charge_current_limit_a,
+        ccl_field, dcl_field = f["ChargeCurrentLimit"], f["DischargeCurrentLimit"]
+        ccl_raw = self._permitted(ccl_field, state.charge_current_limit_a,
                                   state.charge_enabled, charge_blocked, "charge")
-        dcl_raw = self._permitted(f["DischargeCurrentLimit"], state.discharge_current_limit_a,
-                                  state.discharge_enabled, discharge_blocked, "discharge")
-        return _Decision(cvl_raw, ccl_raw, dcl_raw, dvl_raw, ccl_raw > 0, dcl_raw > 0,
-                         alarms, warnings, cluster_trip)
+        # Pylon HV sends the maximum discharge current negative (a current into the inverter).
+        dcl_raw = self._permitted(dcl_field, state.discharge_current_limit_a,
+                                  state.discharge_enabled, discharge_blocked, "discharge",
+                                  negative=self.dialect is Dialect.PYLON_HV)
+        return _Decision(cvl_raw, ccl_raw, dcl_raw, dvl_raw, ccl_raw != ccl_field.zero_raw,
+                         dcl_raw != dcl_field.zero_raw, alarms, warnings, cluster_trip)
 
-    def _permitted(self, field: _Field, limit_a: float, enabled: bool, blocked: bool, direction: str) -> int:
-        """The limit in counts: 0 without permission; a positive magnitude otherwise."""
+    def _permitted(self, field: _Field, limit_a: float, enabled: bool, blocked: bool, direction: str, *,
+                   negative: bool = False) -> int:
+        """The limit in counts: a physical 0 without permission; its magnitude otherwise, sent
+        positive, or negative where the dialect says so (a limit that rounds to 0 is a 0)."""
         if not enabled or blocked:
             if limit_a > 0:
                 self._note(f"{direction}_limit_without_permission" if not enabled
                            else f"{direction}_limit_despite_alarm")
-            return 0
+            return field.zero_raw
+        if negative:
+            return self._raw(field, -limit_a, maximum=0.0)
         return self._raw(field, limit_a, minimum=0.0)
 
     # -- one builder per frame; each returns raw signal values --------------------------------------
@@ -588,6 +795,121 @@ class FrameEncoder:
         return {"InstalledCapacity": self._raw(self._frames[ID_CAPACITY].fields["InstalledCapacity"],
                                                state.capacity_ah)}
 
+    # -- Pylon HV ----------------------------------------------------------------------------------
+
+    def _hv_total(self, state: ConsolidatedState, _d: _Decision) -> dict[str, int]:
+        f = self._frames[ID_HV_TOTAL].fields
+        return {
+            "PackVoltage": self._raw(f["PackVoltage"], state.pack_voltage_v),
+            "PackCurrent": self._raw(f["PackCurrent"], state.current_a),  # positive = charging
+            "Temperature": self._raw(f["Temperature"], state.temperature_avg_c,
+                                     minimum=WIRE_TEMPERATURE_MIN_C, maximum=WIRE_TEMPERATURE_MAX_C),
+            "StateOfCharge": self._raw(f["StateOfCharge"], state.soc_pct),
+            "StateOfHealth": self._raw(f["StateOfHealth"], state.soh_pct),
+        }
+
+    def _hv_cell_voltages(self, state: ConsolidatedState, _d: _Decision) -> dict[str, int]:
+        f = self._frames[ID_HV_CELL_VOLTAGES].fields
+        high, low = (state.cell_voltage_max_v, state.cell_voltage_max_location), \
+            (state.cell_voltage_min_v, state.cell_voltage_min_location)
+        if low[0] > high[0]:
+            self._note("0x4230.cell_voltage_order")
+            high, low = low, high
+        return {
+            "CellVoltageMax": self._raw(f["CellVoltageMax"], high[0]),
+            "CellVoltageMin": self._raw(f["CellVoltageMin"], low[0]),
+            "CellVoltageMaxNumber": location_number(high[1]),
+            "CellVoltageMinNumber": location_number(low[1]),
+        }
+
+    def _hv_temperatures(self, frame_id: int, prefix: str, state: ConsolidatedState) -> dict[str, int]:
+        f = self._frames[frame_id].fields
+        high, low = (state.temperature_max_c, state.temperature_max_location), \
+            (state.temperature_min_c, state.temperature_min_location)
+        if low[0] > high[0]:
+            self._note(f"{frame_id:#05x}.temperature_order")
+            high, low = low, high
+        bounds = {"minimum": WIRE_TEMPERATURE_MIN_C, "maximum": WIRE_TEMPERATURE_MAX_C}
+        return {
+            f"{prefix}TemperatureMax": self._raw(f[f"{prefix}TemperatureMax"], high[0], **bounds),
+            f"{prefix}TemperatureMin": self._raw(f[f"{prefix}TemperatureMin"], low[0], **bounds),
+            f"{prefix}TemperatureMaxNumber": location_number(high[1]),
+            f"{prefix}TemperatureMinNumber": location_number(low[1]),
+        }
+
+    def _hv_cell_temperatures(self, state: ConsolidatedState, _d: _Decision) -> dict[str, int]:
+        return self._hv_temperatures(ID_HV_CELL_TEMPERATURES, "Cell", state)
+
+    def _hv_module_temperatures(self, state: ConsolidatedState, _d: _Decision) -> dict[str, int]:
+        # The racks report their hottest and coldest sensor, which are module sensors; the same pair.
+        return self._hv_temperatures(ID_HV_MODULE_TEMPERATURES, "Module", state)
+
+    def _hv_module_voltages(self, state: ConsolidatedState, _d: _Decision) -> dict[str, int]:
+        # The racks report no module voltages: both fields carry the average module of the pack
+        # (pack voltage / modules in series); the numbers say "not provided".
+        f = self._frames[ID_HV_MODULE_VOLTAGES].fields
+        hv = self.config.pylon_hv
+        modules = hv.modules_in_series if hv is not None else 1
+        average = self._raw(f["ModuleVoltageMax"], state.pack_voltage_v / modules)
+        return {"ModuleVoltageMax": average, "ModuleVoltageMin": average,
+                "ModuleVoltageMaxNumber": 0, "ModuleVoltageMinNumber": 0}
+
+    def _hv_status(self, state: ConsolidatedState, d: _Decision) -> dict[str, int]:
+        if state.current_a > HV_IDLE_CURRENT_A:
+            basic = HV_STATUS_CHARGE
+        elif state.current_a < -HV_IDLE_CURRENT_A:
+            basic = HV_STATUS_DISCHARGE
+        else:
+            basic = HV_STATUS_IDLE  # also NaN
+        values = {
+            "BasicStatus": basic,
+            # An operator's force-charge request, only while charging is enabled (as in 0x35C).
+            "ForceChargeRequest": int(state.force_charge_request and d.charge_enabled),
+            "BalanceChargeRequest": 0,
+            "CyclePeriod": 0,
+            "FaultVoltageSensor": 0, "FaultTemperatureSensor": 0, "FaultInternalComm": 0,
+            "FaultInputOverVoltage": 0, "FaultInputReversal": 0, "FaultRelayCheck": 0,
+            "FaultBatteryDamage": 0,
+        }
+        values.update({name: int(not flags.isdisjoint(d.alarms)) for name, flags in _HV_FAULT_SETS})
+        if d.cluster_trip:
+            values["FaultOther"] = 1
+        values.update({name: int(not flags.isdisjoint(d.alarms)) for name, flags in _HV_PROTECT_SETS})
+        values.update({name: int(not flags.isdisjoint(d.warnings)) for name, flags in _HV_WARN_SETS})
+        return values
+
+    def _hv_forbidden(self, _state: ConsolidatedState, d: _Decision) -> dict[str, int]:
+        return {"ChargeForbiddenMark": HV_ALLOWED if d.charge_enabled else HV_FORBIDDEN,
+                "DischargeForbiddenMark": HV_ALLOWED if d.discharge_enabled else HV_FORBIDDEN}
+
+    def _hv_fault_extension(self, _state: ConsolidatedState, _d: _Decision) -> dict[str, int]:
+        # Its bits (shutdown circuit, BMIC, internal bus, self test; diyBMS's reading) have no source here.
+        return {"FaultExtension": 0}
+
+    def _hv_equipment(self, capacity_ah: float) -> tuple[tuple[int, bytes], ...]:
+        hv = self.config.pylon_hv
+        if hv is None:  # the config model requires it for this dialect
+            raise ValueError('dialect "pylon_hv" needs can.pylon_hv')
+        major, minor = _package_version()
+        # bmslink has no hardware revision: 0; the software version is bmslink's own.
+        version = {"HardwareVersion": 0, "HardwareVersionV": 0, "HardwareVersionR": 0,
+                   "SoftwareVersionMajor": min(major, 255), "SoftwareVersionMinor": min(minor, 255),
+                   "DevelopmentVersionMajor": 0, "DevelopmentVersionMinor": 0}
+        f = self._frames[ID_HV_MODULES].fields
+        modules = {
+            "CellsInSeries": self._raw(f["CellsInSeries"], hv.cells_in_series),
+            "ModulesInSeries": hv.modules_in_series,
+            "CellsPerModule": hv.cells_per_module,
+            "VoltageLevel": self._raw(f["VoltageLevel"], hv.voltage_level_v),
+            "CapacityAh": self._raw(f["CapacityAh"], capacity_ah, minimum=0.0),
+        }
+        name = hv_name_bytes(self.config.manufacturer)
+        first = {f"Name{i}": name[i] for i in range(NAME_LENGTH)}
+        second = {f"Name{i}": name[i] for i in range(NAME_LENGTH, HV_NAME_LENGTH)}
+        return tuple((frame_id, self._pack(self._frames[frame_id], raw)) for frame_id, raw in (
+            (ID_HV_VERSION, version), (ID_HV_MODULES, modules), (ID_HV_NAME_1, first), (ID_HV_NAME_2, second),
+        ))
+
 
 # -- decoding -------------------------------------------------------------------------------------
 
@@ -604,8 +926,10 @@ class FrameDecoder:
     def __init__(self, dialect: Dialect) -> None:
         self.dialect = dialect
         self.ids: tuple[int, ...] = DIALECT_IDS[dialect]
+        self.extended = dialect in EXTENDED_ID_DIALECTS
         db = load_dbc(DIALECT_DBC[dialect])
-        self._messages = {frame_id: db.get_message_by_frame_id(frame_id) for frame_id in self.ids}
+        known = (*self.ids, *HV_EQUIPMENT_IDS) if dialect is Dialect.PYLON_HV else self.ids
+        self._messages = {frame_id: db.get_message_by_frame_id(frame_id) for frame_id in known}
         # Signals of the shared DBC that this dialect leaves unused (zeros on the wire).
         self._unused: dict[int, frozenset[str]] = (
             {ID_SOC_SOH: frozenset({"StateOfChargeHiRes"})} if dialect is Dialect.PYLON else {}
@@ -655,8 +979,11 @@ class DecodedLimits:
     """What an inverter is allowed to do, read back from the frames.
 
     ``charge_enabled``/``discharge_enabled`` are the 0x35C bits in the Pylon dialect (False until one
-    arrived) and "limit > 0" in SMA/Victron, which have no enable frame. ``alarms``/``warnings`` are
-    wire names: Pylon 0x359 signals (``ProtCellOverVoltage``) or raised 0x35A pairs (``AlarmHighVoltage``).
+    arrived), the 0x4280 marks in Pylon HV (0x00 = allowed; False until one arrived) and "limit > 0"
+    in SMA/Victron, which have no enable frame. ``alarms``/``warnings`` are wire names: Pylon 0x359
+    signals (``ProtCellOverVoltage``), raised 0x35A pairs (``AlarmHighVoltage``) or Pylon HV 0x4250
+    bits (``ProtectCellOverVoltage``, ``FaultOther``; ``WarnCellHighVoltage``). Limits are magnitudes:
+    the Pylon HV discharge limit, negative on the wire, is read back positive.
     """
 
     charge_voltage_limit_v: float
@@ -678,7 +1005,10 @@ class DecodedLimits:
 
 
 def decoded_limits(dialect: Dialect, frames: Mapping[int, Mapping[str, float]]) -> DecodedLimits | None:
-    """Limits from the latest decoded frames (see :func:`decode_frames`); None before any 0x351."""
+    """Limits from the latest decoded frames (see :func:`decode_frames`); None before the dialect's
+    limits frame (0x351, Pylon HV 0x4220)."""
+    if dialect is Dialect.PYLON_HV:
+        return _decoded_hv_limits(frames)
     limits = frames.get(ID_LIMITS)
     if limits is None:
         return None
@@ -707,4 +1037,23 @@ def decoded_limits(dialect: Dialect, frames: Mapping[int, Mapping[str, float]]) 
         discharge_enabled=discharge_enabled,
         alarms=alarms,
         warnings=warnings,
+    )
+
+
+def _decoded_hv_limits(frames: Mapping[int, Mapping[str, float]]) -> DecodedLimits | None:
+    limits = frames.get(ID_HV_LIMITS)
+    if limits is None:
+        return None
+    marks = frames.get(ID_HV_FORBIDDEN, {})
+    status = frames.get(ID_HV_STATUS, {})
+    raised = (*HV_PROTECT_BITS, *HV_FAULT_BITS)
+    return DecodedLimits(
+        charge_voltage_limit_v=limits.get("ChargeVoltageLimit", 0.0),
+        charge_current_limit_a=limits.get("ChargeCurrentLimit", 0.0),
+        discharge_current_limit_a=-limits.get("DischargeCurrentLimit", 0.0),
+        discharge_voltage_limit_v=limits.get("DischargeVoltageLimit", 0.0),
+        charge_enabled=marks.get("ChargeForbiddenMark", HV_FORBIDDEN) == HV_ALLOWED,
+        discharge_enabled=marks.get("DischargeForbiddenMark", HV_FORBIDDEN) == HV_ALLOWED,
+        alarms=tuple(name for name in raised if status.get(name)),
+        warnings=tuple(name for name in HV_WARN_BITS if status.get(name)),
     )

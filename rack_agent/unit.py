@@ -11,6 +11,7 @@ from rack_agent.health import UnitHealth
 from rack_agent.plausibility import PlausibilityRules
 from rack_agent.profiles import FlatProfile, SunSpecProfile, flat_plan
 from rack_agent.profiles.plan import RegisterPlan
+from rack_agent.profiles.pylontech import PylontechProfile
 from shared.agent_config import CurrentSign, PlausibilityConfig, PollingConfig, UnitConfig
 
 
@@ -63,7 +64,7 @@ class DiscoveryRetry:
 @dataclass(slots=True)
 class UnitRuntime:
     config: UnitConfig
-    profile: FlatProfile | SunSpecProfile | None
+    profile: FlatProfile | SunSpecProfile | PylontechProfile | None
     health: UnitHealth
     # Discovery is this unit's connect step: a refused layout is retried on the link's reconnect
     # backoff (polling.reconnect_initial_s .. reconnect_max_s), never at every poll.
@@ -77,7 +78,7 @@ class UnitRuntime:
     def create(
         cls,
         config: UnitConfig,
-        profile: FlatProfile | SunSpecProfile | None,
+        profile: FlatProfile | SunSpecProfile | PylontechProfile | None,
         polling: PollingConfig,
         plausibility: PlausibilityConfig,
     ) -> UnitRuntime:

@@ -19,6 +19,9 @@ class ModbusTcpLink(Frozen):
     name: Identifier
     host: str
     port: Port = 502
+    # How requests are framed on the TCP stream: "socket" is Modbus TCP (MBAP header); "rtu" is RTU
+    # frames (unit id, PDU, CRC) over the stream, as a BYD Battery-Box BMU speaks on port 8080.
+    framer: Literal["socket", "rtu"] = "socket"
 
 
 class ModbusRtuLink(Frozen):
@@ -42,7 +45,21 @@ class CanLink(Frozen):
     stale_after_ms: Annotated[int, Field(ge=100, le=60_000)] = 3000
 
 
-Link = Annotated[ModbusTcpLink | ModbusRtuLink | CanLink, Field(discriminator="type")]
+class PylontechConsoleLink(Frozen):
+    """An RS-485 line to Pylontech LV packs speaking their own protocol (rack_agent/pylontech), not
+    Modbus. Each unit on it is one pack; its device_id is the pack's address."""
+
+    type: Literal["pylontech_console"]
+    name: Identifier
+    # A device path or a pyserial URL with a file descriptor (e.g. socket://host:port).
+    device: str
+    # The protocol's rate (V3.3: 9600 8N1); packs switch to 115200 by DIP switch. Framing is fixed 8N1.
+    baudrate: Literal[9600, 115200] = 9600
+
+
+Link = Annotated[
+    ModbusTcpLink | ModbusRtuLink | CanLink | PylontechConsoleLink, Field(discriminator="type")
+]
 
 
 class CurrentSign(StrEnum):
@@ -145,7 +162,7 @@ class AgentConfig(Frozen):
         """(what, address) of every enabled listener, for the warning about exposed ones."""
         return [("metrics", self.metrics.host)] if self.metrics.enabled else []
 
-    def link(self, name: str) -> ModbusTcpLink | ModbusRtuLink | CanLink:
+    def link(self, name: str) -> ModbusTcpLink | ModbusRtuLink | CanLink | PylontechConsoleLink:
         for link in self.links:
             if link.name == name:
                 return link

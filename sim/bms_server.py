@@ -15,6 +15,15 @@ How the faults are made, in pymodbus 3.16 terms:
 * **SunSpec layout**: the hook serves the variant of the SunSpec image the faults name.
 
 On CAN, "no answer" silences the broadcast; the other link faults are Modbus-only.
+
+A unit of a named make (``SimulatedBms(make="seplos_v3")``, see :data:`sim.registers.MAKES`) serves
+that make's register map instead: exactly the blocks its shipped profile reads, in their own tables
+(holding, input, coils), byte-addressed where the make is (the hook fills the registers a request
+asks for, two wire addresses apart). Anything else is refused with ILLEGAL_ADDRESS, as the real map
+refuses it. :meth:`SimulatedBms.refuse_function` makes one function code answer an exception (a
+BMS whose firmware refuses, say, the coil read). Over TCP such a unit can speak RTU framing
+(``start_tcp(..., framer="rtu")``, as a BYD BMU does). :class:`SimulatedLine` puts several units,
+of any makes, on one serial line or TCP port under their own device ids.
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import can
 from pymodbus.constants import ExcCodes
@@ -35,14 +45,20 @@ from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.server.base import ModbusBaseServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from rack_agent.profiles.spec import Table
 from sim.battery import BatteryModel, SimRackConfig
 from sim.can_frames import pylon_frames
 from sim.faults import FaultState
 from sim.registers import (
     FLAT_BASE_ADDRESS,
+    MAKES,
     SUNSPEC_BASE_ADDRESS,
     Identity,
+    SimImage,
     flat_image,
+    make_image,
+    make_plan,
+    served_addresses,
     sunspec_image,
 )
 
@@ -54,6 +70,12 @@ CAN_SEND_TIMEOUT_S = 0.05
 STOP_DEADLINE_S = 2.0
 CRC_BYTES = 2
 READ_FUNCTION_CODES = (3, 4)  # read holding / input registers
+FUNCTION_TABLES = {1: Table.COIL, 2: Table.DISCRETE, 3: Table.HOLDING, 4: Table.INPUT}
+COILS_PER_REGISTER = 16  # pymodbus keeps coils packed 16 to a register, the first as bit 0
+# The catch-all unit answers any address (with GATEWAY_NO_RESPONSE from its hook); pymodbus checks
+# the address against a layout before the hook runs, so its layout spans the whole space.
+CATCH_ALL_REGISTERS = 65535
+MBAP_UNIT_AT = 6
 MBAP_BYTES = 7  # transaction id, protocol id, length, unit id
 MBAP_LENGTH_AT = 4  # the MBAP length field: bytes after it (unit id + PDU)
 
@@ -106,6 +128,86 @@ def invert_crc(frame: bytes) -> bytes:
     return frame[:-CRC_BYTES] + bytes(b ^ 0xFF for b in frame[-CRC_BYTES:])
 
 
+def _runs(addresses: set[int]) -> list[tuple[int, int]]:
+    """(start, length) of each run of consecutive addresses."""
+    runs: list[tuple[int, int]] = []
+    for address in sorted(addresses):
+        if runs and runs[-1][0] + runs[-1][1] == address:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((address, 1))
+    return runs
+
+
+class _MakeMap:
+    """The registers of a unit of a named make: the served layout, the image, the hook's fill."""
+
+    def __init__(self, make: str, model: BatteryModel, faults: FaultState) -> None:
+        self.make = make
+        self.plan = make_plan(make)
+        self.served = served_addresses(self.plan)
+        self.strides = {b.table: b.stride for b in self.plan.blocks}
+        self._model = model
+        self._faults = faults
+        self._key: tuple[int, int] | None = None
+        self._image: SimImage = {}
+
+    def image(self) -> SimImage:
+        key = (self._model.revision, self._faults.version)
+        if key != self._key:
+            self._image = make_image(self.plan, self._model.snapshot())
+            self._key = key
+        return self._image
+
+    def layout(self) -> tuple[list[SimData], list[SimData], list[SimData], list[SimData]]:
+        """pymodbus's (coils, discrete inputs, holding, input) blocks: exactly the served addresses.
+
+        A table the make does not use gets a placeholder (pymodbus needs one block per table): an
+        invalid register, or a coil group the hook refuses."""
+        tables: list[list[SimData]] = []
+        for table in (Table.COIL, Table.DISCRETE, Table.HOLDING, Table.INPUT):
+            runs = _runs(self.served.get(table, set()))
+            if table.holds_bits:
+                blocks = [
+                    SimData(a, values=[False] * n, datatype=DataType.BITS, readonly=True) for a, n in runs
+                ]
+                tables.append(blocks or [SimData(0, values=[False], datatype=DataType.BITS, readonly=True)])
+            else:
+                blocks = [SimData(a, count=n, datatype=DataType.REGISTERS, readonly=True) for a, n in runs]
+                tables.append(blocks or [SimData(0, count=1, datatype=DataType.INVALID)])
+        return tables[0], tables[1], tables[2], tables[3]
+
+    def fill(self, function_code: int, start_address: int, address: int, count: int,
+             registers: list[int]) -> ExcCodes | None:
+        """Put what the request reads into pymodbus's block (it slices the answer from it next)."""
+        table = FUNCTION_TABLES.get(function_code)
+        if table is None or table not in self.served:
+            return ExcCodes.ILLEGAL_ADDRESS
+        image = self.image()
+        if table.holds_bits:
+            # ``count`` is the number of packed registers the request spans.
+            first = address // COILS_PER_REGISTER
+            for r in range(count):
+                coil0 = (first + r) * COILS_PER_REGISTER
+                registers[first - start_address + r] = sum(
+                    image.get((table, coil0 + j), 0) << j for j in range(COILS_PER_REGISTER)
+                )
+            return None
+        stride = self.strides[table]
+        for i in range(count):
+            # A byte-addressed map answers the words at a, a+2, ... for a read at a.
+            registers[address - start_address + i] = image.get((table, address + i * stride), 0)
+        return None
+
+
+def _catch_all() -> SimDevice:
+    return SimDevice(
+        id=0,
+        simdata=[SimData(0, count=CATCH_ALL_REGISTERS, datatype=DataType.REGISTERS)],
+        action=_foreign_unit,
+    )
+
+
 async def _foreign_unit(  # noqa: PLR0917 - the signature pymodbus's SimAction calls
     function_code: int,
     start_address: int,
@@ -131,12 +233,17 @@ class SimulatedBms:
         *,
         device_id: int = 1,
         update_period_s: float = 0.1,
+        make: str | None = None,
     ) -> None:
         if not 1 <= device_id <= 247:
             raise ValueError(f"device_id must be a Modbus unit 1..247 (got {device_id})")
         if not 0.001 <= update_period_s <= 60.0:
             raise ValueError(f"update_period_s must be within 0.001..60 (got {update_period_s})")
-        self.config = config or SimRackConfig()
+        if make is not None and make not in MAKES:
+            raise ValueError(f"no simulated make {make!r}; makes: {', '.join(sorted(MAKES))}")
+        self.make = make
+        # A make's unit stands for that make's battery (cells, sensors, ratings) unless told otherwise.
+        self.config = config or (MAKES[make].rack_config() if make is not None else SimRackConfig())
         self.device_id = device_id
         self.update_period_s = update_period_s
         self.faults = FaultState()
@@ -156,6 +263,9 @@ class SimulatedBms:
         self._flat_key: tuple[int, int] | None = None
         self._flat: list[int] = []
         self._sunspec: list[int] = []
+        self._make = _MakeMap(make, self.model, self.faults) if make is not None else None
+        # Function code -> exception code this unit answers it with (a firmware that refuses a read).
+        self._refused: dict[int, int] = {}
 
     # -- public API -------------------------------------------------------------------------------
     @property
@@ -166,17 +276,31 @@ class SimulatedBms:
         """Load current asked of the rack (positive = charging); the BMS clamps it to its limits."""
         self.model.set_current(amps)
 
-    async def start_tcp(self, host: str, port: int) -> None:
-        """Serve Modbus TCP on (host, port); port 0 picks a free one (see :attr:`endpoints`)."""
+    def refuse_function(self, function_code: int, exception_code: int | None) -> None:
+        """Answer every request of ``function_code`` with ``exception_code`` (None: answer again)."""
+        if function_code not in FUNCTION_TABLES:
+            raise ValueError(
+                f"function code must be a read, one of {sorted(FUNCTION_TABLES)} (got {function_code})"
+            )
+        if exception_code is None:
+            self._refused.pop(function_code, None)
+        else:
+            self._refused[function_code] = int(ExcCodes(exception_code))
+
+    async def start_tcp(self, host: str, port: int, *, framer: Literal["socket", "rtu"] = "socket") -> None:
+        """Serve Modbus TCP on (host, port); port 0 picks a free one (see :attr:`endpoints`).
+
+        ``framer="rtu"``: RTU frames (unit id, PDU, CRC) over the TCP stream instead of MBAP."""
+        rtu = framer == "rtu"
         server = ModbusTcpServer(
             self._devices(),
             address=(host, port),
-            trace_packet=functools.partial(self._trace_packet, False),
+            framer=FramerType.RTU if rtu else FramerType.SOCKET,
+            trace_packet=functools.partial(self._trace_packet, rtu),
         )
-        await self._listen(server, "modbus tcp", f"{host}:{port}")
-        sockets = getattr(server.transport, "sockets", None) or ()
-        bound = sockets[0].getsockname()[1] if sockets else port
-        self.endpoints.append(f"modbus tcp {host}:{bound} unit {self.device_id}")
+        what = "modbus rtu-over-tcp" if rtu else "modbus tcp"
+        await self._listen(server, what, f"{host}:{port}")
+        self.endpoints.append(f"{what} {host}:{_bound_port(server, port)} unit {self.device_id}")
 
     async def start_rtu(
         self, device: str, *, baudrate: int = 9600, parity: str = "N", stopbits: int = 1
@@ -244,7 +368,16 @@ class SimulatedBms:
         await self.stop()
 
     # -- servers ----------------------------------------------------------------------------------
+    def unit_device(self) -> SimDevice:
+        """This unit's pymodbus device (a make's unit only; see :class:`SimulatedLine`)."""
+        if self._make is None:
+            raise ValueError("a line of several units takes units of a named make")
+        return SimDevice(id=self.device_id, simdata=self._make.layout(), action=self._action,
+                         use_bit_addressing=True)
+
     def _devices(self) -> list[SimDevice]:
+        if self._make is not None:
+            return [self.unit_device(), _catch_all()]
         flat, sunspec = self._images()
 
         def layout() -> list[SimData]:
@@ -304,7 +437,8 @@ class SimulatedBms:
     ) -> ExcCodes | None:
         """SimDevice hook, run by pymodbus before it answers any request for this device."""
         faults = self.faults.snapshot()
-        if function_code in READ_FUNCTION_CODES:
+        reads = FUNCTION_TABLES if self._make is not None else READ_FUNCTION_CODES
+        if function_code in reads:
             self.register_reads += 1
         if faults.delay_ms > 0:
             task = asyncio.current_task()
@@ -317,6 +451,10 @@ class SimulatedBms:
                     self._held_requests.discard(task)
         if faults.exception_code is not None:
             return ExcCodes(faults.exception_code)
+        if function_code in self._refused:
+            return ExcCodes(self._refused[function_code])
+        if self._make is not None:
+            return self._make.fill(function_code, start_address, address, count, registers)
         # Refresh only the map this request reads (the other keeps its last image).
         if address < SUNSPEC_BASE_ADDRESS:
             base, image = FLAT_BASE_ADDRESS, self._flat_image()
@@ -330,8 +468,14 @@ class SimulatedBms:
         """pymodbus ``trace_packet`` hook: sees every raw chunk; what it returns is what gets sent."""
         if not sending:
             return data
+        if rtu and data[:1] != bytes([self.device_id]):
+            return b""
+        return self._shape_answer(rtu, data)
+
+    def _shape_answer(self, rtu: bool, data: bytes) -> bytes:
+        """This unit's answer as its link faults make it (silenced, shortened, CRC broken)."""
         faults = self.faults.snapshot()
-        if faults.no_answer or (rtu and data[:1] != bytes([self.device_id])):
+        if faults.no_answer:
             return b""
         if faults.short_read_registers:
             data = shorten_read_answer(data, faults.short_read_registers, rtu=rtu)
@@ -377,3 +521,92 @@ class SimulatedBms:
                 log.debug("CAN send of %#x failed: %s", frame.arbitration_id, exc)
             else:
                 self.can_frames_sent += 1
+
+
+def _bound_port(server: ModbusTcpServer, asked: int) -> int:
+    sockets = getattr(server.transport, "sockets", None) or ()
+    return int(sockets[0].getsockname()[1]) if sockets else asked
+
+
+class SimulatedLine:
+    """Several simulated units of named makes on one serial line or TCP port, each under its own
+    device id (an RS-485 bus with a Seplos at id 1 and a Pace at id 2, say).
+
+    A request for an id no unit has goes unanswered on RTU (an RS-485 device stays silent) and is
+    answered GATEWAY_NO_RESPONSE over Modbus TCP framing. Each unit's own faults shape its answers.
+    """
+
+    def __init__(self, units: Sequence[SimulatedBms]) -> None:
+        ids = [u.device_id for u in units]
+        if not units or len(set(ids)) != len(ids):
+            raise ValueError(f"a line needs units with distinct device ids (got {ids})")
+        self.units = tuple(units)
+        self._by_id = {u.device_id: u for u in units}
+        self.endpoints: list[str] = []
+        self._servers: list[ModbusBaseServer] = []
+
+    def _devices(self) -> list[SimDevice]:
+        return [*(u.unit_device() for u in self.units), _catch_all()]
+
+    async def start_rtu(
+        self, device: str, *, baudrate: int = 9600, parity: str = "N", stopbits: int = 1
+    ) -> None:
+        """Serve every unit on one serial device (a pty path or a pyserial URL)."""
+        server = ModbusSerialServer(
+            self._devices(), framer=FramerType.RTU, port=device, baudrate=baudrate, parity=parity,
+            stopbits=stopbits, trace_packet=functools.partial(self._trace_packet, True),
+        )
+        await self._listen(server, "modbus rtu", device)
+        units = sorted(self._by_id)
+        self.endpoints.append(f"modbus rtu {device} {baudrate} {parity}{stopbits} units {units}")
+
+    async def start_tcp(self, host: str, port: int, *, framer: Literal["socket", "rtu"] = "socket") -> None:
+        """Serve every unit on one TCP port (Modbus TCP, or RTU framing with ``framer="rtu"``)."""
+        rtu = framer == "rtu"
+        server = ModbusTcpServer(
+            self._devices(), address=(host, port), framer=FramerType.RTU if rtu else FramerType.SOCKET,
+            trace_packet=functools.partial(self._trace_packet, rtu),
+        )
+        what = "modbus rtu-over-tcp" if rtu else "modbus tcp"
+        await self._listen(server, what, f"{host}:{port}")
+        self.endpoints.append(f"{what} {host}:{_bound_port(server, port)} units {sorted(self._by_id)}")
+
+    async def _listen(self, server: ModbusBaseServer, transport: str, address: str) -> None:
+        try:
+            await server.serve_forever(background=True)
+        except (RuntimeError, OSError) as exc:
+            await server.shutdown()  # type: ignore[no-untyped-call]
+            raise SimStartError(transport, address, str(exc)) from exc
+        self._servers.append(server)
+        for unit in self.units:
+            unit._ensure_model_task()
+
+    def _trace_packet(self, rtu: bool, sending: bool, data: bytes) -> bytes:
+        if not sending:
+            return data
+        at = 0 if rtu else MBAP_UNIT_AT
+        unit = self._by_id.get(data[at]) if len(data) > at else None
+        if unit is None:
+            return b"" if rtu else data
+        return unit._shape_answer(rtu, data)
+
+    async def stop(self) -> None:
+        """Stop the server and every unit's model; safe to call more than once."""
+        servers, self._servers = self._servers, []
+        for server in servers:
+            listener = server.transport
+            await server.shutdown()  # type: ignore[no-untyped-call]
+            if isinstance(listener, asyncio.AbstractServer):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(listener.wait_closed(), STOP_DEADLINE_S)
+        for unit in self.units:
+            await unit.stop()
+        self.endpoints.clear()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()

@@ -1,7 +1,10 @@
 """``bmslink sim bms``: run simulated rack BMS units until SIGINT/SIGTERM.
 
 Prints one ``sim rack N ready: ...`` line per rack (flushed) once every transport of that rack is
-up, so tests and launchers can wait for it. Exit status: 0 after a clean stop, 2 for a bad
+up, so tests and launchers can wait for it. Without ``--profile`` each rack serves the acme_flat map
+and the SunSpec chain; ``--profile NAME`` serves a named make's map instead (seplos_v3, jk_pb, pace,
+byd_hvs: sim/registers.py MAKES), with that make's battery, serial speed and TCP framing as defaults.
+Exit status: 0 after a clean stop, 2 for a bad
 scenario file or bad arguments, 1 when a transport cannot be opened.
 """
 
@@ -18,12 +21,14 @@ from shared.models import PROTECTION_FLAG_NAMES
 from sim.battery import SimRackConfig
 from sim.bms_server import SimStartError, SimulatedBms, quiet_pymodbus_logging
 from sim.faults import EXCEPTION_CODES, LAYOUTS, FaultError, SunSpecLayout
+from sim.registers import MAKES
 from sim.scenario import Scenario, load_scenario, run_scenario
 
 EXIT_OK = 0
 EXIT_START_FAILED = 1
 EXIT_USAGE = 2
-TRANSPORTS = ("tcp", "rtu", "can")
+DEFAULT_BAUDRATE = 9600
+TRANSPORTS = ("tcp", "rtu", "can", "pylontech")  # pylontech: packs on one RS-485 line
 
 
 def add_bms_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,7 +47,14 @@ def add_bms_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
                         help="TCP port of rack 0; rack i uses port+i; 0 = each rack takes a free port")
     parser.add_argument("--device", action="append", default=[], metavar="PATH",
                         help="RTU serial device or pyserial URL, one per rack (repeat)")
-    parser.add_argument("--baudrate", type=int, default=9600, help="RTU baud rate (default 9600)")
+    parser.add_argument("--profile", choices=sorted(MAKES), metavar="NAME",
+                        help="serve this make's register map instead of acme_flat + SunSpec; one of: "
+                        f"{', '.join(sorted(MAKES))}")
+    parser.add_argument("--framer", choices=("socket", "rtu"),
+                        help="TCP framing: socket (Modbus TCP) or rtu (RTU frames over TCP); default: the "
+                        "make's (rtu for byd_hvs), else socket")
+    parser.add_argument("--baudrate", type=int,
+                        help="RTU baud rate (default: the make's, e.g. 19200 for seplos_v3; else 9600)")
     parser.add_argument("--parity", choices=("N", "E", "O"), default="N", help="RTU parity (default N)")
     parser.add_argument("--can-interface", default="socketcan",
                         help="python-can interface (default socketcan)")
@@ -66,6 +78,8 @@ def add_bms_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     faults.add_argument("--corrupt-crc", action="store_true", help="send RTU answers with a wrong CRC")
     faults.add_argument("--exception-code", type=int, choices=EXCEPTION_CODES, metavar="CODE",
                         help="answer every Modbus request with this exception code")
+    faults.add_argument("--rtn", type=int, metavar="CODE",
+                        help="--transport pylontech: refuse every request with this return code (144 = 0x90)")
     faults.add_argument("--short-read", type=int, default=0, metavar="N",
                         help="answer register reads with N registers fewer than asked")
     faults.add_argument("--sunspec-layout", choices=LAYOUTS, default=SunSpecLayout.STANDARD.value,
@@ -88,6 +102,10 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--transport rtu needs one --device per rack ({args.racks}), got {len(args.device)}"
     if args.transport == "can" and len(args.can_channel) != args.racks:
         return f"--transport can needs one --can-channel per rack ({args.racks}), got {len(args.can_channel)}"
+    if args.profile is not None and args.transport not in ("tcp", "rtu"):
+        return f"--profile {args.profile} is a Modbus map; use --transport tcp or rtu"
+    if args.profile is None and args.framer == "rtu":
+        return "--framer rtu needs --profile (the default acme_flat + SunSpec device speaks Modbus TCP)"
     return None
 
 
@@ -112,15 +130,25 @@ def _apply_faults(bms: SimulatedBms, args: argparse.Namespace) -> None:
 
 
 async def _start(bms: SimulatedBms, index: int, args: argparse.Namespace) -> None:
+    make = MAKES[args.profile] if args.profile is not None else None
     if args.transport == "tcp":
         # Port 0: the OS picks one per rack; the ready line tells which.
-        await bms.start_tcp(args.host, args.port + index if args.port else 0)
+        framer = args.framer or (make.tcp_framer if make is not None else "socket")
+        await bms.start_tcp(args.host, args.port + index if args.port else 0, framer=framer)
     elif args.transport == "rtu":
-        await bms.start_rtu(args.device[index], baudrate=args.baudrate, parity=args.parity)
+        baudrate = args.baudrate or (make.baudrate if make is not None else DEFAULT_BAUDRATE)
+        await bms.start_rtu(args.device[index], baudrate=baudrate, parity=args.parity)
     else:
         await bms.start_can(
             interface=args.can_interface, channel=args.can_channel[index], period_s=args.can_period
         )
+
+
+def _rack(args: argparse.Namespace, index: int) -> SimulatedBms:
+    identity = {"seed": args.seed + index, "serial_number": f"SIM-{index:04d}"}
+    if args.profile is None:
+        return SimulatedBms(SimRackConfig(**identity))
+    return SimulatedBms(MAKES[args.profile].rack_config(**identity), make=args.profile)
 
 
 async def _serve(args: argparse.Namespace, scenario: Scenario | None) -> int:
@@ -129,10 +157,7 @@ async def _serve(args: argparse.Namespace, scenario: Scenario | None) -> int:
     signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    racks = [
-        SimulatedBms(SimRackConfig(seed=args.seed + i, serial_number=f"SIM-{i:04d}"))
-        for i in range(args.racks)
-    ]
+    racks = [_rack(args, i) for i in range(args.racks)]
     runner: asyncio.Task[None] | None = None
     try:
         for i, bms in enumerate(racks):
@@ -166,6 +191,12 @@ async def _serve(args: argparse.Namespace, scenario: Scenario | None) -> int:
 
 def run_bms(args: argparse.Namespace) -> int:
     """Handler of ``bms``: serve until SIGINT/SIGTERM; see the module docstring for exit statuses."""
+    if args.baudrate is None and args.profile is None:
+        args.baudrate = DEFAULT_BAUDRATE  # a make's unit takes its make's speed instead (see _start)
+    if args.transport == "pylontech":
+        from sim.pylontech_console import run_pylontech  # noqa: PLC0415 - only this transport needs it
+
+        return run_pylontech(args)
     problem = _check_args(args)
     if problem is not None:
         return _fail(problem, EXIT_USAGE)

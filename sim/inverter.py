@@ -3,17 +3,25 @@
 It listens to the frame set of one dialect (``controller/frames.py`` decodes it with the same DBC),
 draws a current that follows a charge/discharge profile but never exceeds the limits it received,
 and records every breach of the protocol by the *BMS side* as a :class:`Violation` (the checks of
-``inverter-can.md`` §5 that one listener can make). It never transmits.
+``inverter-can.md`` §5 that one listener can make). In the broadcast dialects it never transmits.
+
+In a polled dialect (Pylon HV) it asks, as an HV hybrid inverter does: a 0x4200 "ensemble
+information" request every ``request_period_s`` and a "system equipment information" request every
+``equipment_every`` periods (the first one included). A request whose full answer has not arrived
+within ``answer_timeout_s`` is a ``no_answer`` violation; frames the battery sends unasked are
+accepted (Pylon HV batteries and emulators send some, e.g. diyBMS's first burst).
 
 Threading: python-can's Notifier runs on the event loop (it hands each message to the loop); our
 listener only converts it to a :class:`ReceivedFrame` and puts it into a bounded queue, counting what
-it drops. One task consumes the queue, one steps the control loop every ``STEP_INTERVAL_S``.
+it drops. One task consumes the queue, one steps the control loop every ``STEP_INTERVAL_S`` (and
+checks the answers), one sends the requests of a polled dialect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -26,17 +34,29 @@ import can
 
 from controller.frames import (
     DIALECT_IDS,
+    DIALECT_LIMITS_ID,
+    EXTENDED_ID_DIALECTS,
     FRAME_DLC,
+    HV_ALLOWED,
+    HV_EQUIPMENT_IDS,
+    HV_FORBIDDEN,
     ID_ALARMS,
+    ID_HV_FORBIDDEN,
+    ID_HV_LIMITS,
+    ID_HV_REQUEST,
+    ID_HV_STATUS,
     ID_LIMITS,
     ID_PROTECTION,
     ID_REQUEST,
+    POLLED_DIALECTS,
     WIRE_ALARM_BLOCKS,
     DecodedLimits,
     FrameDecodeError,
     FrameDecoder,
+    HvRequest,
     Pair,
     decoded_limits,
+    hv_request_frame,
 )
 from shared.controller_config import Dialect
 
@@ -50,7 +70,10 @@ SMA_INHIBIT_S = 0.2
 CURRENT_LIMIT_GRACE_S = STEP_INTERVAL_S + 0.1
 QUEUE_SIZE = 4096
 NOTIFIER_POLL_S = 0.05  # the reader thread's recv timeout: how long stop() may wait for it
+REQUEST_SEND_TIMEOUT_S = 0.05  # python-can's send() blocks at most this long on a full queue
 # Reserved bits that must be 0 (§5.7, §5.8, §1 0x35A), per frame: one mask byte per payload byte.
+# Pylon HV 0x4250: status values 4-7 (bits 0-2, checked apart), bits 5-7 of byte 0 and bits 12-15
+# of the alarm and protection words; 0x4280: everything after the two marks.
 RESERVED_MASKS: Mapping[Dialect, Mapping[int, bytes]] = {
     Dialect.PYLON: {
         ID_PROTECTION: bytes([0x61, 0xF6, 0x61, 0xF6, 0x00, 0x00, 0x00, 0xFF]),
@@ -58,7 +81,12 @@ RESERVED_MASKS: Mapping[Dialect, Mapping[int, bytes]] = {
     },
     Dialect.SMA: {ID_ALARMS: bytes([0, 0, 0, 0xFC, 0, 0, 0, 0xFC])},
     Dialect.VICTRON: {ID_ALARMS: bytes([0, 0, 0, 0xFC, 0, 0, 0, 0xFC])},
+    Dialect.PYLON_HV: {
+        ID_HV_STATUS: bytes([0xE0, 0x00, 0x00, 0x00, 0x00, 0xF0, 0x00, 0xF0]),
+        ID_HV_FORBIDDEN: bytes([0x00, 0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF]),
+    },
 }
+HV_STATUS_MAX = 3  # 0 sleep, 1 charge, 2 discharge, 3 idle; 4-7 reserved
 
 
 class InverterStatus(StrEnum):
@@ -77,7 +105,10 @@ class ViolationKind(StrEnum):
     INVALID_ALARM_PAIR = "invalid_alarm_pair"  # a 0x35A pair = 0b11
     RESERVED_BITS = "reserved_bits"
     UNEXPECTED_ID = "unexpected_id"  # not in the dialect's set
-    EXTENDED_ID = "extended_id"
+    EXTENDED_ID = "extended_id"  # a 29-bit frame in an 11-bit dialect
+    STANDARD_ID = "standard_id"  # an 11-bit frame in a 29-bit dialect (Pylon HV)
+    INVALID_MARK = "invalid_mark"  # a Pylon HV forbidden mark other than 0x00 / 0xAA
+    NO_ANSWER = "no_answer"  # a request's full answer did not arrive within answer_timeout_s
     BAD_FRAME_TYPE = "bad_frame_type"  # remote, error or CAN FD frame
     DLC_MISMATCH = "dlc_mismatch"
     DECODE_ERROR = "decode_error"
@@ -187,6 +218,16 @@ class _IdStats:
 
 
 @dataclass(slots=True)
+class _Pending:
+    """A request on the bus, waiting for every frame of its answer."""
+
+    kind: HvRequest
+    sent_s: float
+    expected: frozenset[int]
+    received: set[int] = field(default_factory=set)
+
+
+@dataclass(slots=True)
 class _Link:
     """Connection state: Normal once a full set arrived, until 0x351 is silent for the timeout."""
 
@@ -200,13 +241,32 @@ class SimulatedInverter:
     """Listens to one dialect, obeys the limits, records protocol violations of the BMS side."""
 
     def __init__(self, *, dialect: Dialect, heartbeat_timeout_s: float = 60.0,
-                 profile: ChargeProfile | None = None, ignore_ids: tuple[int, ...] = ()) -> None:
-        if not (math.isfinite(heartbeat_timeout_s) and heartbeat_timeout_s > 0):
-            raise ValueError(f"heartbeat_timeout_s must be positive, got {heartbeat_timeout_s}")
+                 profile: ChargeProfile | None = None, ignore_ids: tuple[int, ...] = (),
+                 request_period_s: float = 1.0, answer_timeout_s: float = 1.0,
+                 equipment_every: int = 10) -> None:
+        """``request_period_s``, ``answer_timeout_s`` and ``equipment_every`` are read in a polled
+        dialect only (Pylon HV): how often it asks, how long an answer may take, and every how many
+        periods it also asks for the equipment information."""
+        for name, value in (("heartbeat_timeout_s", heartbeat_timeout_s),
+                            ("request_period_s", request_period_s), ("answer_timeout_s", answer_timeout_s)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be positive, got {value}")
+        if equipment_every < 1:
+            raise ValueError(f"equipment_every must be >= 1, got {equipment_every}")
         self.dialect = dialect
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.profile = profile or ChargeProfile()
         self.ids: tuple[int, ...] = DIALECT_IDS[dialect]
+        self.extended = dialect in EXTENDED_ID_DIALECTS
+        self.polled = dialect in POLLED_DIALECTS
+        self.limits_id = DIALECT_LIMITS_ID[dialect]
+        self.request_period_s = request_period_s
+        self.answer_timeout_s = answer_timeout_s
+        self.equipment_every = equipment_every
+        self.requests_sent: dict[str, int] = {kind.name.lower(): 0 for kind in HvRequest}
+        self.request_send_failures = 0
+        self.answers = 0
+        self.foreign_requests = 0  # 0x4200 heard from someone else
         # IDs a site tolerates beside the set (e.g. the controllers' failover heartbeat): counted only.
         self.ignore_ids = frozenset(ignore_ids)
         self.current_a = 0.0
@@ -220,6 +280,8 @@ class SimulatedInverter:
         self._limits: DecodedLimits | None = None
         self._link = _Link()
         self._beyond_since: float | None = None
+        self._pending: list[_Pending] = []
+        self._answer_latencies: list[float] = []
         self._started_at = 0.0
         self._bus: can.BusABC | None = None
         self._notifier: can.Notifier | None = None
@@ -246,6 +308,8 @@ class SimulatedInverter:
             asyncio.create_task(self._consume(self._queue), name=f"sim-inverter-rx-{channel}"),
             asyncio.create_task(self._run_steps(), name=f"sim-inverter-step-{channel}"),
         ]
+        if self.polled:
+            self._tasks.append(asyncio.create_task(self._run_requests(), name=f"sim-inverter-ask-{channel}"))
 
     async def stop(self) -> None:
         """Stop tasks, notifier and bus; safe to call more than once."""
@@ -301,11 +365,17 @@ class SimulatedInverter:
         """Frames received per arbitration ID (all IDs, including foreign ones)."""
         return {frame_id: stats.count for frame_id, stats in sorted(self._stats.items())}
 
-    def gaps(self, arbitration_id: int = ID_LIMITS) -> float:
-        """Longest interval in seconds between two consecutive frames of one ID; by default 0x351,
-        i.e. the longest gap between two sets. 0.0 before the second frame."""
-        stats = self._stats.get(arbitration_id)
+    def gaps(self, arbitration_id: int | None = None) -> float:
+        """Longest interval in seconds between two consecutive frames of one ID; by default the
+        dialect's limits frame (0x351, Pylon HV 0x4220), i.e. the longest gap between two sets. 0.0
+        before the second frame."""
+        stats = self._stats.get(self.limits_id if arbitration_id is None else arbitration_id)
         return 0.0 if stats is None else stats.max_gap_s
+
+    @property
+    def answer_latencies(self) -> list[float]:
+        """Seconds from each answered request to the last frame of its answer (a copy)."""
+        return list(self._answer_latencies)
 
     def latest(self, arbitration_id: int) -> dict[str, float] | None:
         """The last decoded values of one frame of the dialect, or None."""
@@ -317,6 +387,7 @@ class SimulatedInverter:
         self._frames.clear()
         self._violations.clear()
         self._stats.clear()
+        self._answer_latencies.clear()
         self.dropped_frames = 0
 
     # -- python-can edge ---------------------------------------------------------------------------
@@ -346,6 +417,54 @@ class SimulatedInverter:
             next_at += STEP_INTERVAL_S
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
+    async def _run_requests(self) -> None:
+        """Ask on absolute deadlines: the ensemble information every period, the equipment
+        information every ``equipment_every`` periods."""
+        next_at = time.monotonic()
+        for index in itertools.count():
+            if index % self.equipment_every == 0:
+                self._ask(HvRequest.EQUIPMENT, HV_EQUIPMENT_IDS)
+            self._ask(HvRequest.ENSEMBLE, self.ids)
+            next_at += self.request_period_s
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+    def _ask(self, kind: HvRequest, expected: tuple[int, ...]) -> None:
+        bus = self._bus
+        if bus is None:
+            return
+        sent_s = time.monotonic()
+        try:
+            bus.send(hv_request_frame(kind), timeout=REQUEST_SEND_TIMEOUT_S)
+        except (can.CanError, OSError) as exc:
+            self.request_send_failures += 1
+            log.debug("sim inverter: request %s not sent: %s", kind.name, exc)
+            return
+        self.requests_sent[kind.name.lower()] += 1
+        self._pending.append(_Pending(kind, sent_s, frozenset(expected)))
+
+    def _note_answer(self, frame: ReceivedFrame) -> None:
+        """A frame of an answer: complete the requests it belongs to (sent before it arrived)."""
+        done = []
+        for pending in self._pending:
+            if frame.arbitration_id in pending.expected and frame.time_s >= pending.sent_s:
+                pending.received.add(frame.arbitration_id)
+                if pending.received >= pending.expected:
+                    done.append(pending)
+        for pending in done:
+            self._pending.remove(pending)
+            self.answers += 1
+            self._answer_latencies.append(frame.time_s - pending.sent_s)
+
+    def _expire_requests(self, now: float) -> None:
+        late = [p for p in self._pending if now - p.sent_s > self.answer_timeout_s]
+        for pending in late:
+            self._pending.remove(pending)
+            missing = sorted(pending.expected - pending.received)
+            waited = now - pending.sent_s
+            self._violate(now, ViolationKind.NO_ANSWER,
+                          f"{pending.kind.name.lower()} request unanswered after {waited:.3f} s "
+                          f"(missing {', '.join(f'{i:#x}' for i in missing)})")
+
     # -- frame checks ------------------------------------------------------------------------------
 
     def _violate(self, now: float, kind: ViolationKind, detail: str) -> None:
@@ -358,12 +477,19 @@ class SimulatedInverter:
         self._count(frame)
         if frame_id in self.ignore_ids and not frame.is_extended_id:
             return
-        if frame.is_extended_id:
+        if frame.is_extended_id and not self.extended:
             # Venus OS and Deye ignore 29-bit frames (§0): they are not part of the set.
             self._violate(now, ViolationKind.EXTENDED_ID, f"{frame_id:#010x} sent with a 29-bit ID")
             return
+        if self.extended and not frame.is_extended_id:
+            # Pylon HV inverters read 29-bit frames only: an 11-bit one is not part of the set.
+            self._violate(now, ViolationKind.STANDARD_ID, f"{frame_id:#05x} sent with an 11-bit ID")
+            return
         if frame.is_remote_frame or frame.is_error_frame or frame.is_fd:
             self._violate(now, ViolationKind.BAD_FRAME_TYPE, f"{frame_id:#05x}: remote, error or FD frame")
+            return
+        if self.polled and frame_id == ID_HV_REQUEST:
+            self.foreign_requests += 1  # another inverter (or tool) asking: not the battery's doing
             return
         if not self._decoder.knows(frame_id):
             self._violate(now, ViolationKind.UNEXPECTED_ID,
@@ -378,12 +504,21 @@ class SimulatedInverter:
             self._violate(now, ViolationKind.DECODE_ERROR, str(exc))
             return
         self._latest[frame_id] = values
-        if frame_id == ID_LIMITS:
+        if self.polled:
+            self._note_answer(frame)
+            if frame_id in HV_EQUIPMENT_IDS:
+                return  # configuration, not limits: the link and the limits are not its business
+        if frame_id == self.limits_id:
             self._on_limits(now, values)
-        elif frame_id == ID_REQUEST:
+        elif frame_id == ID_REQUEST and self.dialect is Dialect.PYLON:
             self._check_enables(now, values)
         elif frame_id == ID_ALARMS:
             self._check_pairs(now, values)
+        elif frame_id == ID_HV_STATUS and values.get("BasicStatus", 0) > HV_STATUS_MAX:
+            self._violate(now, ViolationKind.RESERVED_BITS, f"{frame_id:#x}: basic status "
+                          f"{values['BasicStatus']:g} is reserved")
+        elif frame_id == ID_HV_FORBIDDEN:
+            self._check_marks(now, values)
         self._limits = decoded_limits(self.dialect, self._latest)
         self._note_beyond(now)
         link = self._link
@@ -418,6 +553,8 @@ class SimulatedInverter:
         # A short frame (already a DLC violation) decodes only the fields it carries: read as 0.
         cvl, ccl = values.get("ChargeVoltageLimit", 0.0), values.get("ChargeCurrentLimit", 0.0)
         dcl, dvl = values.get("DischargeCurrentLimit", 0.0), values.get("DischargeVoltageLimit", 0.0)
+        if self.dialect is Dialect.PYLON_HV:
+            dcl = -dcl  # sent negative: a positive one is a wrong sign
         if ccl < 0 or dcl < 0:
             self._violate(now, ViolationKind.NEGATIVE_LIMIT, f"CCL {ccl} A, DCL {dcl} A")
         if cvl == 0:
@@ -428,7 +565,8 @@ class SimulatedInverter:
         if link.last_limits_s is not None:
             gap = now - link.last_limits_s
             if gap > self.heartbeat_timeout_s and not link.gap_reported:
-                self._violate(now, ViolationKind.HEARTBEAT_GAP, f"0x351 after {gap:.3f} s of silence")
+                self._violate(now, ViolationKind.HEARTBEAT_GAP,
+                              f"{self.limits_id:#x} after {gap:.3f} s of silence")
         link.last_limits_s = now
         link.gap_reported = False
 
@@ -449,6 +587,30 @@ class SimulatedInverter:
         raised = [name for name, value in protection.items() if value and name in WIRE_ALARM_BLOCKS]
         self._check_blocks(now, raised, charge_enabled=bool(request.get("ChargeEnable", 0)),
                            discharge_enabled=bool(request.get("DischargeEnable", 0)))
+
+    def _check_marks(self, now: float, marks: Mapping[str, float]) -> None:
+        """Pylon HV 0x4280 (it follows 0x4220 and 0x4250 in an answer): each mark 0x00 or 0xAA, a mark
+        that agrees with its limit, and no protection bit next to a permission."""
+        for name, value in marks.items():
+            if value not in (HV_ALLOWED, HV_FORBIDDEN):
+                self._violate(now, ViolationKind.INVALID_MARK, f"{name} = {value:#04x}, not 0x00 or 0xAA")
+        limits = self._latest.get(ID_HV_LIMITS)
+        charge_enabled = marks.get("ChargeForbiddenMark") == HV_ALLOWED
+        discharge_enabled = marks.get("DischargeForbiddenMark") == HV_ALLOWED
+        if limits is not None:
+            for direction, enabled, amps in (
+                ("charge", charge_enabled, limits.get("ChargeCurrentLimit", 0.0)),
+                ("discharge", discharge_enabled, -limits.get("DischargeCurrentLimit", 0.0)),
+            ):
+                if enabled and amps <= 0:
+                    self._violate(now, ViolationKind.ENABLE_WITH_ZERO_LIMIT,
+                                  f"{direction} allowed (mark 0x00) with limit {amps} A")
+                elif not enabled and amps > 0:
+                    self._violate(now, ViolationKind.LIMIT_WITHOUT_ENABLE,
+                                  f"{direction} forbidden (mark 0xAA) with limit {amps} A")
+        status = self._latest.get(ID_HV_STATUS, {})
+        raised = [name for name, value in status.items() if value and name in WIRE_ALARM_BLOCKS]
+        self._check_blocks(now, raised, charge_enabled=charge_enabled, discharge_enabled=discharge_enabled)
 
     def _check_pairs(self, now: float, pairs: Mapping[str, float]) -> None:
         invalid = [name for name, value in pairs.items() if value == Pair.INVALID]
@@ -489,6 +651,7 @@ class SimulatedInverter:
             self._beyond_since = None
 
     def _step(self, now: float) -> None:
+        self._expire_requests(now)
         link = self._link
         if link.connected and link.last_limits_s is not None:
             silence = now - link.last_limits_s
@@ -497,7 +660,8 @@ class SimulatedInverter:
                 link.seen.clear()  # after a loss, only a complete set reconnects
                 if not link.gap_reported:
                     link.gap_reported = True
-                    self._violate(now, ViolationKind.HEARTBEAT_GAP, f"no 0x351 for {silence:.3f} s")
+                    self._violate(now, ViolationKind.HEARTBEAT_GAP,
+                                  f"no {self.limits_id:#x} for {silence:.3f} s")
         if self._beyond_since is not None and now - self._beyond_since > CURRENT_LIMIT_GRACE_S:
             low, high = self._allowed_range()
             self._violate(now, ViolationKind.CURRENT_BEYOND_LIMIT,

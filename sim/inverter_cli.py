@@ -1,8 +1,10 @@
 """``bmslink sim inverter``: a simulated inverter listening to the BMS CAN feed until SIGINT/SIGTERM.
 
 Prints ``sim inverter ready: <interface> <channel>`` (flushed) once the bus is open. With
-``--status-file`` a JSON snapshot (status, limits, current, violations, frames per ID) is rewritten
-every second and once more at exit; with ``--log-every`` a one-line summary is printed as often.
+``--status-file`` a JSON snapshot (status, limits, current, violations, frames per ID; in a polled
+dialect also the requests sent, the answers, the longest answer time and the equipment information)
+is rewritten every second and once more at exit; with ``--log-every`` a one-line summary is printed
+as often. ``--dialect pylon_hv`` asks for the set (0x4200) every ``--request-period`` seconds.
 Exit status: 0 after a clean stop, 2 for bad arguments, 1 when the bus cannot be opened.
 """
 
@@ -12,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -21,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from controller.frames import ID_HV_MODULES
 from shared.controller_config import Dialect
 from sim.inverter import ChargeProfile, InverterStartError, SimulatedInverter
 
@@ -36,8 +40,9 @@ def add_inverter_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     parser = subparsers.add_parser(
         "inverter",
         help="simulate an inverter that listens to the BMS CAN feed and checks it",
-        description="Listen to the Pylon/SMA/Victron frame set, draw a current that follows a profile "
-        "within the received limits, and count protocol violations of the BMS side.",
+        description="Listen to the Pylon/SMA/Victron frame set (or ask for the Pylon HV one), draw a "
+        "current that follows a profile within the received limits, and count protocol violations of "
+        "the BMS side.",
     )
     parser.add_argument("--interface", default="socketcan", help="python-can interface (default socketcan)")
     parser.add_argument("--channel", default="vcan0", help="python-can channel (default vcan0)")
@@ -55,6 +60,13 @@ def add_inverter_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     parser.add_argument("--ignore-id", type=lambda v: int(v, 0), action="append", default=[], metavar="ID",
                         help="a frame ID tolerated beside the set, e.g. 0x6E0 for the controllers' failover "
                         "heartbeat (repeat)")
+    polled = parser.add_argument_group("polled dialects (pylon_hv)")
+    polled.add_argument("--request-period", type=float, default=1.0, metavar="S",
+                        help="ask for the ensemble information (0x4200) every S seconds (default 1)")
+    polled.add_argument("--answer-timeout", type=float, default=1.0, metavar="S",
+                        help="a request whose full answer takes longer is a no_answer violation (default 1)")
+    polled.add_argument("--equipment-every", type=int, default=10, metavar="N",
+                        help="also ask for the system equipment information every N requests (default 10)")
     parser.set_defaults(handler=run_inverter)
 
 
@@ -77,6 +89,17 @@ def snapshot(inverter: SimulatedInverter) -> dict[str, Any]:
         "frames_per_id": {f"{frame_id:#05x}": n for frame_id, n in inverter.frame_counts.items()},
         "dropped_frames": inverter.dropped_frames,
         "max_set_gap_s": inverter.gaps(),
+        **(_polled(inverter) if inverter.polled else {}),
+    }
+
+
+def _polled(inverter: SimulatedInverter) -> dict[str, Any]:
+    latencies = inverter.answer_latencies
+    return {
+        "requests_sent": dict(inverter.requests_sent),
+        "answers": inverter.answers,
+        "max_answer_latency_s": max(latencies, default=None),
+        "equipment": inverter.latest(ID_HV_MODULES),
     }
 
 
@@ -107,8 +130,20 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
         return _fail(f"--heartbeat-timeout must be positive (got {args.heartbeat_timeout})", EXIT_USAGE)
     if args.log_every < 0:
         return _fail(f"--log-every must be >= 0 (got {args.log_every})", EXIT_USAGE)
-    inverter = SimulatedInverter(dialect=Dialect(args.dialect), heartbeat_timeout_s=args.heartbeat_timeout,
-                                 profile=profile, ignore_ids=tuple(args.ignore_id))
+    seconds = (("--request-period", args.request_period), ("--answer-timeout", args.answer_timeout))
+    for option, value in seconds:
+        if not (math.isfinite(value) and value > 0):
+            return _fail(f"{option} must be a positive number of seconds (got {value})", EXIT_USAGE)
+    if args.equipment_every < 1:
+        return _fail(f"--equipment-every must be >= 1 (got {args.equipment_every})", EXIT_USAGE)
+    try:
+        inverter = SimulatedInverter(
+            dialect=Dialect(args.dialect), heartbeat_timeout_s=args.heartbeat_timeout, profile=profile,
+            ignore_ids=tuple(args.ignore_id), request_period_s=args.request_period,
+            answer_timeout_s=args.answer_timeout, equipment_every=args.equipment_every,
+        )
+    except ValueError as exc:  # e.g. --heartbeat-timeout inf
+        return _fail(str(exc), EXIT_USAGE)
     try:
         await inverter.start(interface=args.interface, channel=args.channel)
     except InverterStartError as exc:

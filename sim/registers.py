@@ -4,13 +4,20 @@ Pure functions of a :class:`sim.battery.BatterySnapshot`. The flat map is writte
 agent's own plan (``acme_flat`` profile + :func:`encode_numeric`), and the SunSpec image from
 pysunspec2's model definitions, so the simulator and the agent share one definition of each.
 Both maps live on the same Modbus device: flat at holding 0..20, SunSpec from 40000.
+
+A simulated unit of a named make (:data:`MAKES`: seplos_v3, jk_pb, pace, byd_hvs) serves instead
+the register image of that make's shipped profile, written the same way through the agent's own
+plan (:func:`make_image`): holding, input, coils and byte-addressed maps alike. Each make's
+:class:`MakeSpec` says what battery stands behind it (cells, sensors, ratings) and how it is
+reached (serial speed, TCP framing), as the real make is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, Literal
 
 from rack_agent.profiles import flat_plan, load_profile
 from rack_agent.profiles.plan import NumericPoint, RegisterPlan, RegRef, encode_numeric, encode_raw
@@ -102,9 +109,14 @@ def _encode_saturated(point: NumericPoint, value: float) -> list[int]:
         return encode_numeric(point, value)
     except ValueError:
         assert point.ref is not None
-        low, high = _type_bounds(point.ref.type)
+        low, high = (0, 0xFF) if point.ref.byte else _type_bounds(point.ref.type)
         raw = round((value - point.offset) / point.scale)
         return encode_raw(point.ref, min(max(raw, low), high))
+
+
+def _lowest_bit(mask: int) -> int:
+    """The lowest set bit of a mask: the one bit a simulator raises for "any of these"."""
+    return mask & -mask
 
 
 def _put(image: list[int], base: int, ref: RegRef, words: list[int]) -> None:
@@ -134,9 +146,9 @@ def flat_image(snap: BatterySnapshot) -> list[int]:
     for flags, points in ((snap.alarms, plan.alarms), (snap.warnings, plan.warnings)):
         for name, bit in points.items():
             if getattr(flags, name):
-                image[bit.ref.address - FLAT_BASE_ADDRESS] |= 1 << bit.bit
-    if plan.contactor is not None and plan.contactor.bit is not None and snap.contactor_closed:
-        image[plan.contactor.ref.address - FLAT_BASE_ADDRESS] |= 1 << plan.contactor.bit
+                image[bit.ref.address - FLAT_BASE_ADDRESS] |= _lowest_bit(bit.mask)
+    if plan.contactor is not None and plan.contactor.mask is not None and snap.contactor_closed:
+        image[plan.contactor.ref.address - FLAT_BASE_ADDRESS] |= _lowest_bit(plan.contactor.mask)
     return image
 
 
@@ -426,3 +438,122 @@ def sunspec_length() -> int:
     headers = 2 * 3  # ID and L of models 1, 802, 803
     models = fixed_length(1) + fixed_length(802) + fixed_length(803) + STRING_GROUP_REGISTERS + headers
     return len(SUNS_MARKER) + models + 2
+
+
+# -- named makes ----------------------------------------------------------------------------------
+SimImage = dict[tuple[Table, int], int]
+
+
+@dataclass(frozen=True, slots=True)
+class MakeSpec:
+    """A make's simulated unit: its shipped profile, the battery behind it and how it is reached."""
+
+    profile: str
+    cells_in_series: int
+    # Temperature sensors = cells_in_series / cells_per_module (what the map reports per sensor).
+    cells_per_module: int
+    capacity_ah: float
+    max_current_a: float
+    baudrate: int  # the make's serial speed (documented default)
+    tcp_framer: Literal["socket", "rtu"] = "socket"
+
+    def rack_config(self, **overrides: Any) -> SimRackConfig:
+        """The simulated rack of this make (``overrides`` e.g. ``seed``, ``serial_number``)."""
+        fields: dict[str, Any] = {
+            "cells_in_series": self.cells_in_series, "cells_per_module": self.cells_per_module,
+            "capacity_ah": self.capacity_ah, "max_charge_a": self.max_current_a,
+            "max_discharge_a": self.max_current_a,
+        }
+        return SimRackConfig(**{**fields, **overrides})
+
+
+MAKES: Mapping[str, MakeSpec] = {
+    # 16S with 4 cell NTCs (PIB 0x1110..0x1113), 19200 8N1 (XZH V0.1 section 1.1).
+    "seplos_v3": MakeSpec("seplos_v3", 16, 4, 280.0, 200.0, 19200),
+    "seplos_v3_300a": MakeSpec("seplos_v3_300a", 16, 4, 280.0, 300.0, 19200),
+    # 16S, two pack sensors (TempBat1/2), 115200 8N1 (JK RS485 Modbus V1.0).
+    "jk_pb": MakeSpec("jk_pb", 16, 8, 280.0, 200.0, 115200),
+    # 16 cells, 4 cell temperatures (0031..0034), 9600 8N1 (PACE Modbus V1.3 section 2).
+    "pace": MakeSpec("pace", 16, 4, 100.0, 100.0, 9600),
+    # HVS 10.2: 4 modules x 32 cells, 25 A; RTU frames over TCP (port 8080 on a real BMU).
+    "byd_hvs": MakeSpec("byd_hvs", 128, 32, 50.0, 25.0, 9600, tcp_framer="rtu"),
+}
+
+
+@cache
+def make_plan(name: str) -> RegisterPlan:
+    """The agent's read plan of a make's shipped profile (what the simulated unit serves)."""
+    profile = load_profile(MAKES[name].profile)
+    assert isinstance(profile, FlatProfile)
+    return flat_plan(profile)
+
+
+def served_addresses(plan: RegisterPlan) -> dict[Table, set[int]]:
+    """The wire addresses a unit serving ``plan`` answers: every address of every block it reads
+    (a byte-addressed block covers the byte range its registers span). Anything else is refused."""
+    served: dict[Table, set[int]] = {}
+    for block in plan.blocks:
+        end = block.address + block.count * block.stride
+        served.setdefault(block.table, set()).update(range(block.address, end))
+    return served
+
+
+def _merge(image: SimImage, ref: RegRef, words: list[int]) -> None:
+    """OR ``words`` into the image at ``ref``: fields sharing a register (two bytes, flag bits) add up."""
+    for address, word in zip(ref.addresses, words, strict=True):
+        key = (ref.table, address)
+        image[key] = image.get(key, 0) | word
+
+
+def _member_values(name: str, point: NumericPoint, snap: BatterySnapshot) -> list[float | None]:
+    """What each register of a reduce point holds: a cell or a sensor each, None past the last one."""
+    series = snap.cell_voltages_v if name.startswith("cell_voltage") else snap.module_temperatures_c
+    return [series[i] if i < len(series) else None for i in range(len(point.members))]
+
+
+def _encode_member(point: NumericPoint, ref: RegRef, value: float | None) -> list[int]:
+    if value is None:
+        # No cell/sensor here: what the BMS shows for one (the profile's skip value), else 0.
+        return encode_raw(ref, min(point.skip_raw, default=0))
+    single = NumericPoint(ref, scale=point.scale, offset=point.offset)
+    return _encode_saturated(single, value)
+
+
+def make_image(plan: RegisterPlan, snap: BatterySnapshot) -> SimImage:
+    """The register image a unit of ``plan``'s make shows for ``snap``: (table, wire address) ->
+    16-bit value, or 0/1 for a coil. Constants of the profile are nobody's register and stay out."""
+    values = snap.measurements().model_dump()
+    image: SimImage = {}
+    for name, point in plan.numeric.items():
+        if point.reduce is not None:
+            for ref, value in zip(point.members, _member_values(name, point, snap), strict=True):
+                words = _encode_member(point, ref, value)
+                # A max and a min point share their registers: write each register once.
+                if all((ref.table, a) not in image for a in ref.addresses):
+                    _merge(image, ref, words)
+        elif point.ref is not None:
+            _merge(image, point.ref, _encode_saturated(point, float(values[name])))
+    location_indices = {
+        "cell_voltage_max_location": snap.cell_max_index, "cell_voltage_min_location": snap.cell_min_index,
+        "temperature_max_location": snap.temperature_max_module,
+        "temperature_min_location": snap.temperature_min_module,
+    }
+    for name, loc in plan.locations.items():
+        for ref in loc.refs:
+            _merge(image, ref, encode_raw(ref, location_indices[name]))
+    for flags, points in ((snap.alarms, plan.alarms), (snap.warnings, plan.warnings)):
+        for name in flags.raised():
+            if name in points:
+                bit = points[name]
+                _merge(image, bit.ref, encode_raw(bit.ref, _lowest_bit(bit.mask)))
+    contactor = plan.contactor
+    if contactor is not None and snap.contactor_closed:
+        # Closed: every switch of the mask on (a MOSFET BMS with both FETs on), or the largest of
+        # the values that mean closed.
+        raw = contactor.mask if contactor.mask is not None else max(contactor.closed_values)
+        _merge(image, contactor.ref, encode_raw(contactor.ref, raw))
+    # Addresses a read covers but no field uses read as zero, as on the real map's reserved words.
+    for table, addresses in served_addresses(plan).items():
+        for address in addresses:
+            image.setdefault((table, address), 0)
+    return image

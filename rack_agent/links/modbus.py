@@ -9,11 +9,23 @@ Classification of every outcome, because pymodbus does not do it for us:
   ``trace_packet``: bytes received but no valid frame -> ``crc_error``,
   nothing received -> ``timeout``;
 * ``ConnectionException`` -> ``connection_refused``.
+
+Reads use the function code of the block's table: FC3 holding, FC4 input, FC1 coils, FC2 discrete
+inputs (coils arrive as bits; each becomes a 0/1 in the register image). A TCP link may frame its
+requests as RTU (``framer = "rtu"``: unit id, PDU, CRC over the stream, no MBAP header), as a BYD
+Battery-Box BMU does on port 8080; a bad CRC is then told apart from silence as on a serial line.
+
+A serial device that cannot be opened is named in a warning with the operating system's reason
+(missing, not permitted, not a terminal, locked by another program): pymodbus only returns False.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
+import os
+import termios
 import time
 from typing import Any
 
@@ -43,6 +55,12 @@ from shared.models import RackMeasurements
 log = logging.getLogger(__name__)
 
 GATEWAY_NO_RESPONSE = 0x0B
+READ_FUNCTION_NAMES = {
+    Table.HOLDING: "holding registers (FC3)",
+    Table.INPUT: "input registers (FC4)",
+    Table.COIL: "coils (FC1)",
+    Table.DISCRETE: "discrete inputs (FC2)",
+}
 # We decide ourselves when a silent peer deserves a new connection (after comm loss);
 # pymodbus would otherwise close a TCP link after a few unanswered requests and make
 # the next poll look like "connection refused".
@@ -106,12 +124,20 @@ class ModbusLink(BmsLink):
         return super()._deadline_error(deadline_s)
 
     async def read_registers(self, device_id: int, table: Table, address: int, count: int) -> list[int]:
-        """One FC3/FC4 read with every failure classified into a typed error."""
+        """One FC1/FC2/FC3/FC4 read with every failure classified into a typed error.
+
+        Registers come back as 16-bit values, coils and discrete inputs as one 0/1 each."""
         client = self._client
         if client is None:
             raise ConnectionRefusedPollError(f"{self._where} is not connected")
         self._traffic.rx_bytes = 0
-        reader = client.read_holding_registers if table is Table.HOLDING else client.read_input_registers
+        readers = {
+            Table.HOLDING: client.read_holding_registers,
+            Table.INPUT: client.read_input_registers,
+            Table.COIL: client.read_coils,
+            Table.DISCRETE: client.read_discrete_inputs,
+        }
+        reader = readers[table]
         try:
             response: Any = await reader(address, count=count, device_id=device_id)
         except ModbusIOException as exc:
@@ -135,9 +161,15 @@ class ModbusLink(BmsLink):
                 raise PollTimeoutError(f"gateway {self._where} reports device {device_id} silent", code=code)
             raise ModbusExceptionError(
                 f"device {device_id} on {self._where} answered exception code {code:#04x} "
-                f"reading {table.value} {address}+{count}",
+                f"reading {READ_FUNCTION_NAMES[table]} {address}+{count}",
                 code=code,
             )
+        if table.holds_bits:
+            # The answer carries whole bytes: pymodbus pads the bits to a multiple of 8.
+            bits = [int(bool(b)) for b in response.bits]
+            if len(bits) < count:
+                raise InvalidDataError(f"asked {count} {table.value}s at {address}, got {len(bits)}")
+            return bits[:count]
         registers = list(response.registers)
         if len(registers) < count:
             raise InvalidDataError(f"asked {count} registers at {address}, got {len(registers)}")
@@ -206,14 +238,18 @@ class ModbusTcpBmsLink(ModbusLink):
     def __init__(self, config: ModbusTcpLink, **kwargs: float) -> None:
         super().__init__(config.name, **kwargs)
         self.config = config
+        # RTU frames over TCP carry a CRC that pymodbus checks and drops silently, as on a serial line.
+        self.framing_error_is_crc = config.framer == "rtu"
 
     @property
     def _where(self) -> str:
-        return f"modbus tcp {self.config.host}:{self.config.port}"
+        framing = "rtu-over-tcp" if self.config.framer == "rtu" else "tcp"
+        return f"modbus {framing} {self.config.host}:{self.config.port}"
 
     def _make_client(self) -> AsyncModbusTcpClient:
         return AsyncModbusTcpClient(
             self.config.host,
+            framer=FramerType.RTU if self.config.framer == "rtu" else FramerType.SOCKET,
             port=self.config.port,
             timeout=self._timeout_s,
             retries=0,
@@ -234,6 +270,20 @@ class ModbusRtuBmsLink(ModbusLink):
     def _where(self) -> str:
         return f"modbus rtu {self.config.device}@{self.config.baudrate}"
 
+    async def _connect(self) -> None:
+        try:
+            await super()._connect()
+        except ConnectionRefusedPollError as exc:
+            # pymodbus logs its own reason at debug and only returns False: find out ourselves, so
+            # the operator reads which device and why (a missing adapter, permissions, a lock).
+            reason = serial_open_problem(self.config.device)
+            exc.detail = f"cannot open serial device {self.config.device}: {reason}"
+            self._log.warning(
+                ("serial-open", self.config.device, reason),
+                "link %s: cannot open serial device %s: %s", self.name, self.config.device, reason,
+            )
+            raise
+
     def _make_client(self) -> AsyncModbusSerialClient:
         return AsyncModbusSerialClient(
             self.config.device,
@@ -247,3 +297,37 @@ class ModbusRtuBmsLink(ModbusLink):
             reconnect_delay=0,
             trace_packet=self._traffic,
         )
+
+
+def serial_open_problem(device: str) -> str:
+    """Why a serial device cannot be opened, in the operating system's words (for the operator).
+
+    Opens the path the way pyserial does (read/write, no controlling terminal, exclusive lock) and
+    reports the first refusal: the OSError's text and errno name, "not a terminal" for a file that is
+    none, or that another program holds the lock. A pyserial URL (``socket://``...) is not a path.
+    """
+    if "://" in device:
+        return "the pyserial URL could not be opened (see the link's debug log)"
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as exc:
+        return _os_reason(exc)
+    try:
+        try:
+            termios.tcgetattr(fd)
+        except termios.error as exc:
+            code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else errno.ENOTTY
+            return f"not a serial device: {os.strerror(code)} [{errno.errorcode.get(code, code)}]"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            return f"in use: another program holds its lock ({_os_reason(exc)})"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return "it opens now (the failure was transient, or in the port settings)"
+    finally:
+        os.close(fd)
+
+
+def _os_reason(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno is not None else "?"
+    return f"{exc.strerror or exc} [{name}]"

@@ -242,14 +242,17 @@ def sunspec_plan(profile: SunSpecProfile, layout: SunSpecLayout) -> RegisterPlan
         )
         for name, loc in profile.locations.items()
     }
-    alarms = {n: BitPoint(_resolve(b, layout, f"alarms.{n}")[0], b.bit) for n, b in profile.alarms.items()}
+    alarms = {
+        n: BitPoint(_resolve(b, layout, f"alarms.{n}")[0], 1 << b.bit) for n, b in profile.alarms.items()
+    }
     warnings = {
-        n: BitPoint(_resolve(b, layout, f"warnings.{n}")[0], b.bit) for n, b in profile.warnings.items()
+        n: BitPoint(_resolve(b, layout, f"warnings.{n}")[0], 1 << b.bit) for n, b in profile.warnings.items()
     }
     contactor = None
     if profile.contactor is not None:
         c = profile.contactor
-        contactor = ContactorPoint(_resolve(c, layout, "contactor")[0], c.bit, frozenset(c.closed_values))
+        mask = None if c.bit is None else 1 << c.bit
+        contactor = ContactorPoint(_resolve(c, layout, "contactor")[0], mask, frozenset(c.closed_values))
     return with_blocks(
         RegisterPlan(profile.profile.name, numeric, locations, alarms, warnings, contactor)
     )
