@@ -537,7 +537,18 @@ class ChaosRig:
 
 def telemetry_counters(metrics: dict[str, dict[str, float]]) -> dict[str, int]:
     """The controller's rack payloads by outcome (accepted, rejected_*, out_of_order, ...)."""
-    return {k: int(v) for k, v in metrics.get("bmslink_controller_telemetry_total", {}).items()}
+    return {k: int(v) for k, v in metrics.get("bmslink_controller_telemetry_payloads_total", {}).items()}
+
+
+def counters_under(metrics: dict[str, dict[str, float]], prefix: str) -> dict[str, int]:
+    """Every counter whose name starts with ``prefix``, as {rest of the name[{label values}]: value}."""
+    found: dict[str, int] = {}
+    for name, samples in metrics.items():
+        if name.startswith(prefix) and name.endswith("_total"):
+            short = name.removeprefix(prefix).removesuffix("_total")
+            for labels, value in samples.items():
+                found[f"{short}{{{labels}}}" if labels else short] = int(value)
+    return found
 
 
 NOT_REJECTIONS = frozenset({"accepted", "new_stream"})

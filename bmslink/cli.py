@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bmslink import __version__
 from rack_agent.errors import ProfileError
 from shared.config import ConfigError, is_loopback
 
@@ -72,16 +73,18 @@ def run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, int 
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
-    from rack_agent.agent import RackAgent, load_unit_profiles  # noqa: PLC0415
+    from rack_agent.agent import RackAgent, line_warnings, load_unit_profiles  # noqa: PLC0415
     from shared.agent_config import AgentConfig  # noqa: PLC0415
     from shared.config import load_config  # noqa: PLC0415
 
     config = load_config(args.config, AgentConfig)
     try:
-        load_unit_profiles(config)
+        units = load_unit_profiles(config)
     except ProfileError as exc:
         raise ConfigError(args.config, [str(exc)]) from exc
     if args.check_config:
+        for warning in line_warnings(config, units):  # the agent itself logs them at start
+            print(f"bmslink: warning: {args.config}: {warning}", file=sys.stderr)
         print(
             f"{args.config}: ok (site {config.site_id}, rack {config.rack_id}, {len(config.units)} unit(s))"
         )
@@ -200,7 +203,8 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
     from bmslink.monitor import run_monitor  # noqa: PLC0415
 
     mqtt = _broker_config(args)
-    return run_until_signalled(lambda stop: run_monitor(mqtt, args.site, stop, once=args.once))
+    return run_until_signalled(lambda stop: run_monitor(
+        mqtt, args.site, stop, once=args.once, as_json=args.json, interval_s=args.interval, width=args.width))
 
 
 # -- events -------------------------------------------------------------------------------------
@@ -346,6 +350,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bmslink", description="Battery cluster controller")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -359,9 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     controller.add_argument("--check-config", action="store_true", help="validate the config and exit")
     controller.set_defaults(handler=_cmd_controller)
 
-    monitor = sub.add_parser("monitor", help="live view of the telemetry on a broker")
+    from bmslink.monitor import add_monitor_arguments  # noqa: PLC0415
+
+    # conflict_handler: the monitor's --site (repeatable, or '+') replaces the broker arguments' one.
+    monitor = sub.add_parser("monitor", help="live view of the telemetry on a broker",
+                             conflict_handler="resolve")
     _add_broker_arguments(monitor)
-    monitor.add_argument("--once", action="store_true", help="print one snapshot after 3 s and exit")
+    add_monitor_arguments(monitor)
     monitor.set_defaults(handler=_cmd_monitor)
 
     cmd = sub.add_parser("cmd", help="send a signed operator command to the active controller")
@@ -397,6 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     demo.add_argument("--scenario", type=Path, default=None, help="simulator scenario file")
     demo.set_defaults(handler=_cmd_demo)
+
+    from bmslink.probe import add_probe_parser  # noqa: PLC0415
+
+    add_probe_parser(sub)
+
+    from bmslink.bridge.cli import add_bridge_parser  # noqa: PLC0415
+
+    add_bridge_parser(sub)
 
     sim = sub.add_parser("sim", help="simulated peers")
     sim_sub = sim.add_subparsers(dest="sim_command", required=True)

@@ -7,8 +7,10 @@ events handled here: ``kill_active``, ``restart_controller``, ``restart_broker``
 
 A Mosquitto broker on a free loopback port, a CAN bus shared between processes
 (the python-can-remote bridge on 127.0.0.1), simulated rack BMSs (Modbus TCP on
-127.0.0.1), one agent per rack, the controller, the simulated inverter, and a
-live view of racks, consolidated limits with their reason and the inverter.
+127.0.0.1), one agent per rack, the controllers (each serving its web page on a free
+loopback port, printed at start), the JSON + Home Assistant bridge (discovery under
+``homeassistant/`` on the demo's broker), the simulated inverter, and a live view of
+racks, consolidated limits with their reason and the inverter.
 Ctrl-C stops everything and leaves nothing running.
 """
 
@@ -90,10 +92,12 @@ def split_scenario(path: Path, run_dir: Path) -> tuple[Path | None, list[tuple[f
 
 
 def controller_toml(racks: int, broker_port: int, can_port: int, *, node: str = "ctl-a", node_number: int = 1,
-                    rank: int = 0) -> str:
+                    rank: int = 0, web_port: int | None = None) -> str:
     roster = "\n".join(
         f'[[roster]]\nrack_id = "rack-{i + 1:02d}"\ncapacity_ah = 280\n' for i in range(racks)
     )
+    web = "" if web_port is None else f'\n[web]\nenabled = true\nhost = "127.0.0.1"\nport = {web_port}\n'
+
     return f"""\
 site_id = "{SITE_ID}"
 node_id = "{node}"
@@ -118,8 +122,20 @@ ramp_up_a_per_s = 20
 enabled = true
 node_number = {node_number}
 rank = {rank}
-
+{web}
 {roster}"""
+
+
+def bridge_toml(broker_port: int) -> str:
+    """The JSON + Home Assistant bridge of the demo site (bmslink bridge): discovery under homeassistant/."""
+    return f"""\
+site_id = "{SITE_ID}"
+
+[mqtt]
+host = "127.0.0.1"
+port = {broker_port}
+protocol = "5"
+"""
 
 
 def read_inverter_status(path: Path) -> str:
@@ -166,18 +182,29 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 cfg = run_dir / f"agent-{i + 1:02d}.toml"
                 cfg.write_text(agent_toml(i, broker.port, bms_port + i))
                 procs.start(f"agent-{i + 1:02d}", [*bmslink, "agent", "--config", str(cfg)])
+            pages = []
             for name, number, rank in CONTROLLERS:
                 cfg_path = run_dir / f"{name}.toml"
+                web_port = free_port()
+                pages.append(f"{name}: http://127.0.0.1:{web_port}/")
                 cfg_path.write_text(controller_toml(
-                    args.racks, broker.port, bridge.port, node=name, node_number=number, rank=rank
+                    args.racks, broker.port, bridge.port, node=name, node_number=number, rank=rank,
+                    web_port=web_port,
                 ))
                 procs.start(name, [*bmslink, "controller", "--config", str(cfg_path)])
+            json_bridge = run_dir / "bridge.toml"
+            json_bridge.write_text(bridge_toml(broker.port))
+            procs.start("bridge", [*bmslink, "bridge", "--config", str(json_bridge)])
+            # Said before the live view takes the terminal, and kept in its event lines.
+            print("web pages: " + "   ".join(pages), flush=True)
+            print(f"JSON and Home Assistant discovery on mqtt://127.0.0.1:{broker.port} "
+                  f"({SITE_ID}: bmslink/{SITE_ID}/json/#, homeassistant/#)", flush=True)
             status_file = run_dir / "inverter.json"
             procs.start("inverter", [*bmslink, "sim", "inverter", "--interface", "remote",
                                      "--channel", bridge.channel, "--dialect", "pylon",
                                      "--ignore-id", "0x6E0", "--status-file", str(status_file),
                                      "--profile", f"{RACK_CURRENT_A * args.racks:g}:3600"])
-            view_events: list[str] = []
+            view_events: list[str] = ["web pages: " + "   ".join(pages)]
             site = SiteControl(procs, broker, run_dir, bmslink, log=view_events)
             tasks = [asyncio.create_task(site.run_events(site_events), name="demo-site-events")]
             keyboard = KeyboardKill(site)

@@ -55,11 +55,12 @@ class Journal:
         event = JournalEvent(site_id=self.site_id, node_id=self.node_id, timestamp_s=self._wall(), kind=kind,
                              rack_id=rack_id, text=text)
         where = f"rack {rack_id} " if rack_id else ""
-        if log_key is None:
-            log.log(level, "%s%s: %s", where, kind, text)
-        elif not self._throttled.log(level, log_key, "%s%s: %s", where, kind, text):
-            self.suppressed += 1  # counted where it was recorded; the log says how many it left out
+        # The rate limit decides what is journaled whatever the log level: an installer running at
+        # --log-level warning still gets rack-state and limit events in the journal and on MQTT.
+        if log_key is not None and not self._throttled.allow(log_key):
+            self.suppressed += 1  # counted where it was recorded
             return
+        log.log(level, "%s%s: %s", where, kind, text)
         self.recorded += 1
         if not self._pending:
             try:

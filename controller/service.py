@@ -35,6 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import can
 
@@ -63,7 +64,11 @@ from shared.cluster import ConsolidatedState, RackState
 from shared.commands import LatchNote
 from shared.controller_config import ControllerConfig
 from shared.mqtt import MqttSession, MqttStats, Will
+from shared.sd_notify import LoopWatchdog, Notifier
 from shared.topics import STATUS_OFFLINE, Topics
+
+if TYPE_CHECKING:
+    from controller.web import WebPage
 
 # Defined in controller.control_loop; imported from here by code and tests that predate the split.
 __all__ = ["STATE_PUBLISH_MIN_GAP_S", "ControllerService", "HeartbeatSchedule", "must_send_now"]
@@ -154,6 +159,22 @@ class ControllerService:
         self.mqtt.subscribe(self.topics.all_command_replies, qos=1)
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics = ControllerMetrics(self)
+        # The read-only web page (controller/web/), off by default: aiohttp is loaded only when it is on.
+        self.web: WebPage | None = None
+        if config.web.enabled:
+            from controller.web import WebPage  # noqa: PLC0415
+
+            self.web = WebPage(config, self, events_db=self.state_db.path, monotonic=monotonic,
+                               wall_clock=wall_clock)
+        # systemd (Type=notify, WatchdogSec=): READY once started, then pings while the control loop cycles.
+        self.watchdog = LoopWatchdog(Notifier.from_environ(), progress=lambda: self.stats.cycles,
+                                     status=self._status_line)
+
+    def _status_line(self) -> str:
+        state = self.loop.state
+        racks = f"{state.eligible_racks} of {state.roster_size} rack(s) eligible" if state else "no cycle yet"
+        return (f"{self.role.value}, {racks}, broker {'connected' if self.mqtt.is_connected else 'away'}, "
+                f"CAN {'healthy' if self.can.healthy else 'failing'}")
 
     # -- commands ----------------------------------------------------------------------------
 
@@ -373,6 +394,8 @@ class ControllerService:
 
     def _publish_event(self, payload: bytes) -> None:
         self.mqtt.publish(self.topics.controller_events(self.config.node_id), payload, qos=1)
+        if self.web is not None:
+            self.web.on_event(payload)
 
     def _role_changed(self, role: Role, epoch: int, reason: str) -> None:
         self.journal.record("role", f"{role.value} (epoch {epoch}): {reason}", level=logging.WARNING)
@@ -518,18 +541,25 @@ class ControllerService:
         self.link.started(self._monotonic())
         if self.modbus is not None:
             await self.modbus.start()
+        if self.web is not None:
+            await self.web.start()
         await self.mqtt.start()
         self._tasks = [
             asyncio.create_task(self.loop.run(), name="controller-control"),
         ]
         if self.link.roles is not None:
             self._tasks.append(asyncio.create_task(self.link.pulse(), name="controller-pulse"))
+        if self.watchdog.enabled:
+            self._tasks.append(asyncio.create_task(self.watchdog.run(), name="controller-watchdog"))
 
     async def stop(self) -> None:
+        self.watchdog.stopping()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self.web is not None:
+            await self.web.stop()
         await self.mqtt.stop(final=(self.link.status_topic, STATUS_OFFLINE, True))
         await self.can.stop()
         if self.modbus is not None:

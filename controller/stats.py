@@ -1,7 +1,8 @@
 """The controller's event counters, one table shared by the parts that count them.
 
 The control loop counts cycles and sets, the MQTT ingest messages, the failover link heartbeat
-frames; the metrics endpoint reads the table whole (``bmslink_controller_events_total{event}``).
+frames; the metrics endpoint reads it when scraped (``bmslink_controller_cycles_total``,
+``..._frame_sets_sent_total{trigger}``, ..., ``..._errors_total{kind}``: controller/metrics.py).
 """
 
 from __future__ import annotations

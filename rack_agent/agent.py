@@ -21,13 +21,17 @@ from rack_agent.links import BmsLink, make_link
 from rack_agent.merge import merge_units, without_current_permission
 from rack_agent.metrics import AgentMetrics
 from rack_agent.profiles import SunSpecProfile, load_profile
+from rack_agent.profiles.pylontech import PylontechProfile, link_mismatch
 from rack_agent.schedule import FixedRateSchedule
+from rack_agent.serial_access import serial_access_warnings
 from rack_agent.unit import UnitRuntime
+from rack_agent.wire_budget import budget_warnings
 from shared.agent_config import AgentConfig
 from shared.codec import encode
 from shared.logthrottle import ThrottledLog
 from shared.models import RackCommState, RackTelemetry
 from shared.mqtt import MqttSession, Will
+from shared.sd_notify import LoopWatchdog, Notifier
 from shared.topics import STATUS_OFFLINE, STATUS_ONLINE, Topics
 
 log = logging.getLogger(__name__)
@@ -47,8 +51,20 @@ def load_unit_profiles(config: AgentConfig) -> dict[str, UnitRuntime]:
                 profile = load_profile(unit.profile)
             except ProfileError as exc:
                 raise ProfileError(f"units.{unit.name}.profile = {unit.profile!r}", exc.problems) from exc
+            mismatch = link_mismatch(profile, unit.profile, link.name, link.type)
+            if mismatch is not None:
+                raise ProfileError(f"units.{unit.name}.profile = {unit.profile!r}", [mismatch])
         units[unit.name] = UnitRuntime.create(unit, profile, config.polling, config.plausibility)
     return units
+
+
+def line_warnings(config: AgentConfig, units: dict[str, UnitRuntime]) -> list[str]:
+    """What an installer must fix on the serial lines (devices this user cannot open, a poll that
+    needs more wire time than the interval): said at start and by --check-config, never fatal."""
+    # The budget times Modbus RTU lines; a Pylontech profile never reads one (load_unit_profiles).
+    profiles = {name: None if isinstance(unit.profile, PylontechProfile) else unit.profile
+                for name, unit in units.items()}
+    return [*serial_access_warnings(config), *budget_warnings(config, profiles)]
 
 
 @dataclass(slots=True)
@@ -75,7 +91,7 @@ class RackAgent:
         self._units_by_link: dict[str, list[UnitRuntime]] = {
             name: [u for u in self.units.values() if u.config.link == name] for name in self.links
         }
-        self.metrics = AgentMetrics(config.rack_id)
+        self.metrics = AgentMetrics(config.rack_id, self)  # read when scraped, after start()
         # Lines that can recur at every poll go through here; the metrics count every event.
         self._log = ThrottledLog(log)
         self.stats = AgentStats()
@@ -97,6 +113,10 @@ class RackAgent:
             on_connected=self._on_mqtt_connected,
         )
         self.schedule: FixedRateSchedule | None = None
+        # systemd (Type=notify, WatchdogSec=): READY once started, then pings while units get polled.
+        self.watchdog = LoopWatchdog(Notifier.from_environ(), progress=self._unit_polls,
+                                     status=self._status_line)
+        self._watchdog_task: asyncio.Task[None] | None = None
 
     # -- MQTT --------------------------------------------------------------------------------
 
@@ -249,6 +269,8 @@ class RackAgent:
 
     async def start(self) -> None:
         """Open the metrics endpoint and begin connecting to the broker and the BMS links."""
+        for warning in line_warnings(self.config, self.units):
+            log.warning("rack %s: %s", self.config.rack_id, warning)
         self.metrics.serve(self.config.metrics)
         await self.mqtt.start()
         for link in self.links.values():
@@ -259,6 +281,17 @@ class RackAgent:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(interval_s):
                 await asyncio.gather(*(link.wait_connected() for link in self.links.values()))
+        if self.watchdog.enabled:
+            self._watchdog_task = asyncio.create_task(self.watchdog.run(), name="agent-watchdog")
+
+    def _unit_polls(self) -> int:
+        """Unit polls done (any outcome) and slots skipped: what moves while the poll loop runs."""
+        return sum(sum(unit.health.counts.values()) for unit in self.units.values())
+
+    def _status_line(self) -> str:
+        ok = sum(1 for unit in self.units.values() if not unit.health.comm_lost and not unit.health.invalid)
+        broker = "connected" if self.mqtt.is_connected else "away"
+        return f"rack {self.config.rack_id}: {ok} of {len(self.units)} unit(s) ok, broker {broker}"
 
     async def run(self, stop: asyncio.Event, *, max_polls: int | None = None) -> None:
         """Start, then poll and publish until ``stop`` is set (or ``max_polls`` slots have run)."""
@@ -293,6 +326,11 @@ class RackAgent:
 
     async def close(self) -> None:
         """Stop links, say "offline" (a clean disconnect suppresses the Last Will), close metrics."""
+        self.watchdog.stopping()
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()
+            await asyncio.gather(self._watchdog_task, return_exceptions=True)
+            self._watchdog_task = None
         for link in self.links.values():
             await link.stop()
         await self.mqtt.stop(final=(self._status_topic, STATUS_OFFLINE, True))

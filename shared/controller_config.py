@@ -127,6 +127,51 @@ class Dialect(StrEnum):
     PYLON = "pylon"
     VICTRON = "victron"
     SMA = "sma"
+    # High-voltage racks to HV hybrid inverters: 29-bit frames, answered when the inverter asks
+    # (docs/inverter-dialects.md).
+    PYLON_HV = "pylon_hv"
+
+
+# LFP nominal cell voltage: the default "voltage level" of the Pylon HV equipment frame 0x7320.
+LFP_NOMINAL_CELL_V = 3.2
+
+
+class PylonHvConfig(Frozen):
+    """What the Pylon HV "system equipment information" (0x7320) tells the inverter about the bank.
+
+    Some HV inverters check these against the voltages they see and raise a voltage-range fault on a
+    mismatch (Battery-Emulator's PYLON-CAN.h: "change only if your inverter is generating fault codes
+    about voltage range"), so they describe the real racks: cells and modules in series of one rack.
+    """
+
+    cells_in_series: Annotated[int, Field(ge=1, le=2000)]
+    modules_in_series: Annotated[int, Field(ge=1, le=255)]
+    # The nominal pack voltage in whole volts; unset: cells_in_series × 3.2 V (LFP).
+    nominal_voltage_v: Annotated[int, Field(ge=1, le=2000)] | None = None
+    # Also send the frame set every can.period_ms unasked. Off: the set goes out when the inverter
+    # asks (0x4200), and unasked only when a limit falls or an alarm rises, as real Pylon HV
+    # batteries and the public emulators do.
+    broadcast: bool = False
+
+    @property
+    def cells_per_module(self) -> int:
+        return self.cells_in_series // self.modules_in_series
+
+    @property
+    def voltage_level_v(self) -> int:
+        if self.nominal_voltage_v is not None:
+            return self.nominal_voltage_v
+        return round(self.cells_in_series * LFP_NOMINAL_CELL_V)
+
+    @model_validator(mode="after")
+    def _modules(self) -> PylonHvConfig:
+        if self.cells_in_series % self.modules_in_series:
+            raise ValueError(f"cells_in_series ({self.cells_in_series}) must be a whole multiple of "
+                             f"modules_in_series ({self.modules_in_series})")
+        if self.cells_per_module > 255:
+            raise ValueError(f"cells per module ({self.cells_per_module}) exceeds 255, what 0x7320 carries: "
+                             "raise modules_in_series")
+        return self
 
 
 class InverterCanConfig(Frozen):
@@ -139,11 +184,22 @@ class InverterCanConfig(Frozen):
     manufacturer: Annotated[str, Field(min_length=1, max_length=8, pattern=r"^[\x20-\x7e]+$")] = "PYLON"
     # After this many consecutive send failures the transmitter is considered failed (bus-off, no ACK).
     send_failures_before_fault: Annotated[int, Field(ge=1, le=100)] = 5
+    # The bank as the pylon_hv dialect describes it; required by that dialect, refused by the others.
+    pylon_hv: PylonHvConfig | None = None
 
     @model_validator(mode="after")
     def _sma_inhibit(self) -> InverterCanConfig:
         if self.dialect is Dialect.SMA and self.period_ms < 200:
             raise ValueError("the SMA dialect allows at most one value per 200 ms per ID: period_ms >= 200")
+        return self
+
+    @model_validator(mode="after")
+    def _pylon_hv(self) -> InverterCanConfig:
+        if self.dialect is Dialect.PYLON_HV and self.pylon_hv is None:
+            raise ValueError('dialect "pylon_hv" needs a [can.pylon_hv] table with cells_in_series and '
+                             "modules_in_series of one rack")
+        if self.dialect is not Dialect.PYLON_HV and self.pylon_hv is not None:
+            raise ValueError(f'[can.pylon_hv] is read only by dialect "pylon_hv", not "{self.dialect.value}"')
         return self
 
 
@@ -219,6 +275,22 @@ class ControllerMqttConfig(MqttConfig):
     protocol: Annotated[str, Field(pattern=r"^(5|3\.1\.1)$")] = "3.1.1"
 
 
+class WebConfig(Frozen):
+    """The read-only web page of this controller (controller/web/): off unless enabled.
+
+    It runs on the controller's own event loop, so what it may hold is bounded here: the history of
+    the plots (one sample a second) and the live clients (each has a bounded queue of updates).
+    """
+
+    enabled: bool = False
+    host: ListenAddress = "127.0.0.1"
+    port: Port = 8080
+    # How far back the plots go: one sample a second is kept this long (a ring buffer), at most a day.
+    history_s: Annotated[int, Field(ge=60, le=86_400)] = 3600
+    # Pages open at once (live update streams); one more is refused with 503 until one closes.
+    max_clients: Annotated[int, Field(ge=1, le=64)] = 8
+
+
 class ControllerConfig(Frozen):
     site_id: Identifier
     node_id: Identifier
@@ -240,6 +312,7 @@ class ControllerConfig(Frozen):
     # Where this controller keeps what must outlive a restart (the commands' replay memory). Unset:
     # kept in memory only, and said so at every start.
     state_dir: WritableDir | None = None
+    web: WebConfig = WebConfig()
 
     def listeners(self) -> list[tuple[str, str]]:
         """(what, address) of every enabled listener, for the warning about exposed ones."""
@@ -248,6 +321,8 @@ class ControllerConfig(Frozen):
             found.append(("metrics", self.metrics.host))
         if self.modbus_server.enabled:
             found.append(("modbus_server", self.modbus_server.host))
+        if self.web.enabled:
+            found.append(("web", self.web.host))
         return found
 
     @model_validator(mode="after")

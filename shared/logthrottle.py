@@ -90,6 +90,20 @@ class ThrottledLog:
         self.logger.log(level, msg, *args, exc_info=exc_info)
         return True
 
+    def allow(self, kind: Hashable) -> bool:
+        """Whether one more event of ``kind`` is within its burst now, counted as :meth:`log` counts,
+        whatever the log level (for records kept beside the log, such as the journal)."""
+        now = self._clock()
+        window = self._window(kind, now)
+        if now - window.started_s >= self.interval_s:
+            window.started_s, window.emitted, window.suppressed = now, 0, 0
+        if window.emitted >= self.burst:
+            window.suppressed += 1
+            self.suppressed_total += 1
+            return False
+        window.emitted += 1
+        return True
+
     def _window(self, kind: Hashable, now: float) -> _Window:
         window = self._windows.get(kind)
         if window is not None:

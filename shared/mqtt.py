@@ -199,10 +199,7 @@ class MqttSession:
             self._lost.clear()
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                    await client.connect(
-                        self.config.host, self.config.port, ssl=self._ssl, keepalive=self.config.keepalive_s,
-                        version=MQTTv50 if self._v5 else MQTTv311,
-                    )
+                    await self._connect_or_lost(client)
             except (OSError, TimeoutError, gmqtt.MQTTConnectError) as exc:
                 # OSError includes ssl.SSLError (a broker that cannot be verified) and a refused TCP
                 # connect; MQTTConnectError is a CONNACK refusal; TimeoutError a peer that never answered.
@@ -220,6 +217,27 @@ class MqttSession:
                 continue
             delay, failures_in_row = self.config.reconnect_min_s, 0
             await self._lost.wait()
+
+    async def _connect_or_lost(self, client: Any) -> None:
+        """``client.connect``, ended early when the connection is lost before the broker's CONNACK (a
+        broker that was going down as it accepted us): waiting out CONNECT_TIMEOUT_S then would keep
+        this node off the broker for seconds after the broker is back, long enough for a standby
+        that reconnected at once to take the active role on fresher telemetry."""
+        connecting = asyncio.ensure_future(client.connect(
+            self.config.host, self.config.port, ssl=self._ssl, keepalive=self.config.keepalive_s,
+            version=MQTTv50 if self._v5 else MQTTv311,
+        ))
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            await asyncio.wait((connecting, lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not connecting.done():
+                connecting.cancel()
+        if connecting.done() and not connecting.cancelled():
+            connecting.result()  # raises what the connect raised, if it failed
+            return
+        raise ConnectionError("connection lost before the broker's CONNACK")
 
     def _new_client(self) -> Any:
         """A gmqtt client for one connection: our callbacks, credentials and Will, and no reconnecting

@@ -132,7 +132,7 @@ async def test_refused_commands_exit_non_zero_and_release_nothing(commanded: Any
     text = await scrape_metrics(svc.config.metrics.port)
     assert 'bmslink_controller_commands_total{outcome="refused_bad_signature"} 1.0' in text
     assert 'bmslink_controller_commands_total{outcome="refused_unknown_rack"} 1.0' in text
-    assert 'bmslink_controller_journal_total{event="recorded"}' in text
+    assert 'bmslink_controller_journal_entries_total{outcome="recorded"}' in text
     assert svc.state is not None and svc.state.cluster.latched_alarm
 
 

@@ -188,7 +188,7 @@ async def test_single_controller_raises_the_alarm_everywhere_and_holds(
         text = await scrape_metrics(metrics_port)
         assert "bmslink_controller_foreign_transmitter 1.0" in text
         assert "bmslink_controller_foreign_transmitter_detections_total 1.0" in text
-        assert 'bmslink_controller_can_total{event="foreign_limits_frames"}' in text
+        assert "bmslink_controller_foreign_limits_frames_total " in text
         lines = [r for r in errors.records if "foreign transmitter" in r.getMessage()]
         assert lines and all(r.levelno == logging.ERROR for r in lines)
         assert len(lines) <= 3  # rate-limited: a 50 Hz flood is not 100 lines

@@ -115,3 +115,20 @@ async def test_writes_run_off_the_event_loop_and_then_comes_back_to_it(tmp_path:
     await asyncio.wait_for(done.wait(), 5)
     assert ran_on[0] is not loop_thread and ran_on[1] is loop_thread
     state.close()
+
+
+def test_rate_limited_events_are_journaled_whatever_the_log_level(tmp_path: Path) -> None:
+    """An installer at --log-level warning still gets rack-state events in the journal (they were
+    lost: the rate limit answered "not written" for a log level that was off)."""
+    logger = logging.getLogger("bmslink.journal")
+    before = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        published: list[bytes] = []
+        state, j = journal(tmp_path / "s.sqlite3", published)
+        j.record("rack_state", "ok -> stale", rack_id="rack-01", log_key=("rack_state", "rack-01"))
+        state.close()
+    finally:
+        logger.setLevel(before)
+    assert [r[3] for r in read_events(tmp_path / "s.sqlite3")] == ["rack_state"]
+    assert len(published) == 1

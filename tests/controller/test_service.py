@@ -415,13 +415,13 @@ async def test_metrics_endpoint_reports_what_the_controller_counts(
         await wait_until(lambda: svc.table.counters["unknown_rack"] >= 1, 2, "the stranger")
 
         text = await scrape_metrics(port)
-        assert 'bmslink_controller_events_total{event="heartbeat_sets"}' in text
-        assert 'bmslink_controller_telemetry_total{outcome="accepted"}' in text
-        assert 'bmslink_controller_telemetry_total{outcome="rejected_malformed"} 1.0' in text
+        assert 'bmslink_controller_frame_sets_sent_total{trigger="heartbeat"}' in text
+        assert 'bmslink_controller_telemetry_payloads_total{outcome="accepted"}' in text
+        assert 'bmslink_controller_telemetry_payloads_total{outcome="rejected_malformed"} 1.0' in text
         assert 'bmslink_controller_unknown_rack_payloads_total{rack="rack-77"} 1.0' in text
-        assert 'bmslink_controller_up{link="mqtt"} 1.0' in text
+        assert 'bmslink_controller_link_up{link="mqtt"} 1.0' in text
         assert 'bmslink_controller_role{role="active"} 1.0' in text
-        assert 'bmslink_controller_limit{limit="charge_current_a"}' in text
+        assert "bmslink_controller_charge_current_limit_amperes " in text
         assert 'bmslink_controller_rack_state{rack="rack-02",state="ok"} 1.0' in text
     finally:
         await pub.stop()
