@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -34,7 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bmslink.bridge.render import ControllerSeen, bank_document, rack_document
-from shared.cluster import ConsolidatedState, ControllerStatus
+from shared.cluster import ConsolidatedState, ControllerStatus, RackView
 from shared.codec import DecodeError, Decoder, telemetry_decoder
 from shared.config import ConfigError, MqttConfig
 from shared.models import RackTelemetry
@@ -115,14 +116,16 @@ class TelemetryView:
 
     def table(self, now_s: float) -> Table:
         t = Table(title=f"bmslink {self.topics.site_id}: racks", expand=False, pad_edge=False)
-        for col in ("rack", "link", "age", "V", "A", "SOC", "cell V", "T max", "CCL/DCL A", "contactor",
-                    "alarms"):
+        # "BMS" is what the rack's BMS allows; "granted" what the controller let the rack add to the
+        # bank this cycle (after derates, holds, maintenance; 0 when it is not in parallel).
+        for col in ("rack", "link", "age", "V", "A", "SOC", "cell V", "T max", "BMS CCL/DCL A", "granted",
+                    "contactor", "alarms"):
             t.add_column(col, no_wrap=True, overflow="ellipsis")
         for rack in sorted(set(self.racks) | set(self.status)):
             tel = self.racks.get(rack)
             status = self.status.get(rack, "?")
             if tel is None:
-                t.add_row(rack, status, *[""] * 9)
+                t.add_row(rack, status, *[""] * 10)
                 continue
             age = f"{now_s - self.received_at[rack]:.1f}s"
             link = tel.comm_state.value if status == "online" else f"{status}/{tel.comm_state.value}"
@@ -131,25 +134,32 @@ class TelemetryView:
                 link += f" ({','.join(sorted(units))})"
             m = tel.measurements
             if m is None:
-                t.add_row(rack, link, age, *[""] * 8)
+                t.add_row(rack, link, age, *[""] * 9)
                 continue
+            view = self._views().get(rack)
+            granted = "" if view is None else (
+                f"{view.charge_current_limit_a:.0f}/{view.discharge_current_limit_a:.0f}"
+                + (" maint" if view.maintenance else ""))
             t.add_row(
                 rack, link, age, f"{m.pack_voltage_v:.2f}", f"{m.current_a:.1f}", f"{m.soc_pct:.1f}%",
                 f"{m.cell_voltage_min_v:.3f}-{m.cell_voltage_max_v:.3f}", f"{m.temperature_max_c:.1f}",
-                f"{m.charge_current_limit_a:.0f}/{m.discharge_current_limit_a:.0f}", m.contactor.value,
-                ",".join(m.alarms.raised()) or "-",
+                f"{m.charge_current_limit_a:.0f}/{m.discharge_current_limit_a:.0f}", granted,
+                m.contactor.value, ",".join(m.alarms.raised()) or "-",
             )
         return t
+
+    def _views(self) -> dict[str, RackView]:
+        return {view.rack_id: view for view in self.cluster.racks} if self.cluster is not None else {}
 
     def render(self, now_s: float) -> Group:
         parts: list[RenderableType] = [self.table(now_s)]
         c = self.cluster
         if c is not None:
             lines = [
-                f"[b]CCL {c.charge_current_limit_a:.1f} A[/b]  {_plain(c.ccl_reason)}",
-                f"[b]DCL {c.discharge_current_limit_a:.1f} A[/b]  {_plain(c.dcl_reason)}",
-                f"CVL {c.charge_voltage_limit_v:.1f} V  {_plain(c.cvl_reason)}",
-                f"DVL {c.discharge_voltage_limit_v:.1f} V  {_plain(c.dvl_reason)}",
+                f"[b]CCL {c.charge_current_limit_a:.1f} A[/b]  {_plain(_why(c.ccl_reason))}",
+                f"[b]DCL {c.discharge_current_limit_a:.1f} A[/b]  {_plain(_why(c.dcl_reason))}",
+                f"CVL {c.charge_voltage_limit_v:.1f} V  {_plain(_why(c.cvl_reason))}",
+                f"DVL {c.discharge_voltage_limit_v:.1f} V  {_plain(_why(c.dvl_reason))}",
                 f"SOC {c.soc_pct:.1f} %  V {c.pack_voltage_v:.2f}  I {c.current_a:.1f} A  "
                 f"eligible {c.eligible_racks}/{c.roster_size}  node {_plain(c.node_id)}  "
                 f"age {now_s - self.cluster_at:.1f} s",
@@ -200,6 +210,15 @@ class TelemetryView:
                             for node, s in sorted(self.controllers_seen.items())},
             "rejected": list(self.rejected),
         }
+
+
+# A reason starts with the limit it explains ("CCL 560.0 A = rack-01 ..."); the line shows the value.
+_REASON_HEAD = re.compile(r"^[CD][CV]L [0-9.]+ [AV](?: = |: | )?")
+
+
+def _why(reason: str) -> str:
+    """``reason`` without its leading "CCL 560.0 A = " (the line already shows the value)."""
+    return _REASON_HEAD.sub("", reason, count=1)
 
 
 def _plain(text: str) -> str:

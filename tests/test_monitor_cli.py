@@ -130,7 +130,9 @@ async def test_piped_terminal_view_is_wide_and_cuts_long_reasons(
             assert max(len(line) for line in lines) <= width
             assert "bmslink site-a: racks" in out and "bmslink site-b: racks" in out
             assert "THE-END" not in out  # cut, not wrapped onto the next lines
-            ccl = [line for line in lines if "A  CCL 120 A = rack-02" in line]
+            # The value once, then why (the reason's own "CCL 120 A =" head is not repeated).
+            assert "CCL 120 A =" not in out
+            ccl = [line for line in lines if line.lstrip("│ ").startswith("CCL ") and "A  rack-02" in line]
             assert len(ccl) == 2 and all(line.rstrip(" │").endswith("…") for line in ccl), ccl
             assert "rack-02" in out and "\x1b[" not in out  # the racks, and no terminal escapes
 
