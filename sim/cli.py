@@ -20,7 +20,7 @@ from shared.config import ConfigError
 from shared.models import PROTECTION_FLAG_NAMES
 from sim.battery import SimRackConfig
 from sim.bms_server import SimStartError, SimulatedBms, quiet_pymodbus_logging
-from sim.faults import EXCEPTION_CODES, LAYOUTS, FaultError, SunSpecLayout
+from sim.faults import EXCEPTION_CODES, LAYOUTS, FaultError, SunSpecLayout, apply_rack_faults
 from sim.registers import MAKES
 from sim.scenario import Scenario, load_scenario, run_scenario
 
@@ -112,18 +112,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
 def _apply_faults(bms: SimulatedBms, args: argparse.Namespace) -> None:
     bms.set_current(args.current)
     f = bms.faults
-    if args.over_temperature is not None:
-        f.set_over_temperature(args.over_temperature)
-    if args.imbalance is not None:
-        f.set_imbalance(args.imbalance)
-    for name in args.alarm:
-        f.raise_alarm(name)
-    if args.contactor_open:
-        f.open_contactor()
-    if args.delay_ms is not None:
-        f.set_delay(args.delay_ms)
-    f.set_no_answer(args.no_answer)
-    f.set_corrupt_crc(args.corrupt_crc)
+    apply_rack_faults(f, args)
     f.set_exception(args.exception_code)
     f.set_short_read(args.short_read)
     f.set_sunspec_layout(args.sunspec_layout)

@@ -18,6 +18,7 @@ per request or per model step, so a request never sees half of a change.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -113,6 +114,23 @@ def _check_range(name: str, value: float, low: float, high: float) -> float:
     if not math.isfinite(value) or not low <= value <= high:
         raise FaultError(f"{name} must be within {low}..{high} (got {value!r})")
     return float(value)
+
+
+def apply_rack_faults(state: FaultState, args: argparse.Namespace) -> None:
+    """The faults every simulated rack takes from ``bmslink sim bms``'s options, whatever its protocol
+    (the Modbus-only and console-only ones are applied by each transport)."""
+    if args.over_temperature is not None:
+        state.set_over_temperature(args.over_temperature)
+    if args.imbalance is not None:
+        state.set_imbalance(args.imbalance)
+    for name in args.alarm:
+        state.raise_alarm(name)
+    if args.contactor_open:
+        state.open_contactor()
+    if args.delay_ms is not None:
+        state.set_delay(args.delay_ms)
+    state.set_no_answer(args.no_answer)
+    state.set_corrupt_crc(args.corrupt_crc)
 
 
 class FaultState:

@@ -65,7 +65,7 @@ from rack_agent.pylontech.info import (
 from rack_agent.pylontech.serial_line import SerialLine, SerialLineError
 from shared.config import ConfigError
 from sim.battery import BatteryModel, BatterySnapshot, SimRackConfig
-from sim.faults import FaultError, FaultState
+from sim.faults import FaultError, FaultState, apply_rack_faults
 from sim.scenario import load_scenario, run_scenario
 
 log = logging.getLogger(__name__)
@@ -431,19 +431,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
 
 def _apply(pack: SimPack, args: argparse.Namespace) -> None:
     pack.set_current(args.current)
-    f = pack.faults
-    if args.over_temperature is not None:
-        f.set_over_temperature(args.over_temperature)
-    if args.imbalance is not None:
-        f.set_imbalance(args.imbalance)
-    for name in args.alarm:
-        f.raise_alarm(name)
-    if args.contactor_open:
-        f.open_contactor()
-    if args.delay_ms is not None:
-        f.set_delay(args.delay_ms)
-    f.set_no_answer(args.no_answer)
-    f.set_corrupt_crc(args.corrupt_crc)
+    apply_rack_faults(pack.faults, args)
     pack.set_console_faults(dataclasses.replace(pack.console, rtn=args.rtn))
 
 

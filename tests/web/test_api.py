@@ -194,12 +194,13 @@ def test_a_page_beyond_loopback_is_warned_about_at_start(
     from bmslink.cli import _warn_exposed  # noqa: PLC0415
 
     path = tmp_path / "controller.toml"
-    path.write_text(f'{CONTROLLER}\n[web]\nenabled = true\nhost = "0.0.0.0"\nport = 8081\n')
+    # A documentation address (RFC 5737): only validated and warned about, never bound.
+    path.write_text(f'{CONTROLLER}\n[web]\nenabled = true\nhost = "192.0.2.10"\nport = 8081\n')
     config = load_config(path, ControllerConfig)
-    assert ("web", "0.0.0.0") in config.listeners()
+    assert ("web", "192.0.2.10") in config.listeners()
     with caplog.at_level(logging.WARNING, logger="bmslink"):
         _warn_exposed(config.listeners())
-    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["web listens on 0.0.0.0"]
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["web listens on 192.0.2.10"]
 
 
 async def test_an_address_in_use_is_a_clear_error(
